@@ -1,0 +1,3 @@
+from requiem.cli.main import main
+
+main()
