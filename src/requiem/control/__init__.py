@@ -1,0 +1,1 @@
+"""The control plane: tenants, credentials, flags, budgets, audit and executions."""
