@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-VECTORS = Path(os.environ.get("REQUIEM_TEST_VECTORS", ROOT.parent / "shared" / "vectors"))
+VECTORS = Path(
+    os.environ.get("REQUIEM_TEST_VECTORS", ROOT.parent / "shared" / "vectors")
+)
 
 
 @pytest.fixture
@@ -44,8 +46,13 @@ class CliResult:
     stderr: str
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, input: bytes | None = None,
-            cwd: str | Path | None = None, timeout: float = 120) -> CliResult:
+def run_cli(
+    *args: str,
+    env: dict[str, str] | None = None,
+    input: bytes | None = None,
+    cwd: str | Path | None = None,
+    timeout: float = 120,
+) -> CliResult:
     """Run ``python -m requiem ARGS`` as a real subprocess and capture its streams."""
     proc = subprocess.run(
         [sys.executable, "-m", "requiem", *args],
@@ -106,7 +113,9 @@ def postgres_url(postgres_server_url: str) -> Iterator[str]:
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
             (name,),
         )
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

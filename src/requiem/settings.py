@@ -30,7 +30,9 @@ class Setting:
 
 
 TABLE: tuple[Setting, ...] = (
-    Setting("REQUIEM_HOME", "./.requiem", "path", "State directory: database, CAS, keys."),
+    Setting(
+        "REQUIEM_HOME", "./.requiem", "path", "State directory: database, CAS, keys."
+    ),
     Setting("REQUIEM_CAS_DIR", None, "path", "CAS root (default $REQUIEM_HOME/cas)."),
     Setting(
         "REQUIEM_CAS_COMPRESSION",
@@ -69,7 +71,9 @@ TABLE: tuple[Setting, ...] = (
     ),
     Setting("REQUIEM_DB_POOL_SIZE", "5", "int", "PostgreSQL pool size."),
     Setting("REQUIEM_DB_MAX_OVERFLOW", "10", "int", "PostgreSQL pool overflow."),
-    Setting("REQUIEM_DB_POOL_TIMEOUT", "30", "float", "Seconds to wait for a connection."),
+    Setting(
+        "REQUIEM_DB_POOL_TIMEOUT", "30", "float", "Seconds to wait for a connection."
+    ),
     Setting(
         "REQUIEM_DB_STATEMENT_TIMEOUT_MS",
         "30000",
@@ -113,7 +117,9 @@ TABLE: tuple[Setting, ...] = (
         "int",
         "How long an execution waits for a slot before 429.",
     ),
-    Setting("REQUIEM_MAX_BODY_BYTES", "2097152", "int", "Largest accepted request body."),
+    Setting(
+        "REQUIEM_MAX_BODY_BYTES", "2097152", "int", "Largest accepted request body."
+    ),
     Setting(
         "REQUIEM_SOURCE_DATE_EPOCH",
         "315532800",
@@ -121,7 +127,9 @@ TABLE: tuple[Setting, ...] = (
         "The fixed clock children see (default 1980-01-01T00:00:00Z).",
     ),
     Setting("REQUIEM_FAKETIME_LIB", None, "path", "libfaketime.so.1 (found if unset)."),
-    Setting("REQUIEM_BWRAP", None, "path", "bubblewrap binary (found on PATH if unset)."),
+    Setting(
+        "REQUIEM_BWRAP", None, "path", "bubblewrap binary (found on PATH if unset)."
+    ),
     Setting(
         "REQUIEM_AUDIT_CHECKPOINT_EVERY",
         "1000",
@@ -171,7 +179,9 @@ def _parse(setting: Setting, raw: str) -> object:
         raise ConfigError(msg, setting=setting.name)
     if kind == "url":
         parts = urlsplit(raw)
-        if not parts.scheme or (parts.scheme not in ("sqlite", "sqlite+pysqlite") and not parts.netloc):
+        if not parts.scheme or (
+            parts.scheme not in ("sqlite", "sqlite+pysqlite") and not parts.netloc
+        ):
             msg = f"{setting.name} is not a well-formed URL"
             raise ConfigError(msg, setting=setting.name)
     return raw
@@ -242,7 +252,9 @@ class Settings:
 def load(environ: Mapping[str, str] | None = None) -> Settings:
     """Settings from ``environ`` (the process environment by default)."""
     source = os.environ if environ is None else environ
-    wanted = {k: v for k, v in source.items() if k in BY_NAME or k.startswith("REQUIEM_")}
+    wanted = {
+        k: v for k, v in source.items() if k in BY_NAME or k.startswith("REQUIEM_")
+    }
     return Settings(raw=dict(wanted))
 
 

@@ -213,10 +213,14 @@ class LocalCAS:
         trial = zstandard.ZstdCompressor(level=1).compress(sample)
         return "zstd" if len(trial) <= len(sample) * GAIN_NEEDED else "identity"
 
-    def _install(self, key: str, tmp_blob: Path, meta: ObjectMeta, *, durable: bool) -> None:
+    def _install(
+        self, key: str, tmp_blob: Path, meta: ObjectMeta, *, durable: bool
+    ) -> None:
         folder = self.blob_path(key).parent
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_meta_name = tempfile.mkstemp(dir=self.tmp, prefix="meta-", suffix=".tmp")
+        fd, tmp_meta_name = tempfile.mkstemp(
+            dir=self.tmp, prefix="meta-", suffix=".tmp"
+        )
         with os.fdopen(fd, "wb") as out:
             out.write(meta.to_json())
             out.flush()
@@ -244,7 +248,9 @@ class LocalCAS:
             meta = ObjectMeta(**fields)
         except (OSError, ValueError, TypeError) as exc:
             msg = f"CAS object {digest}: metadata unreadable"
-            raise CasIntegrityFailed(msg, digest=digest, reason="metadata_unreadable") from exc
+            raise CasIntegrityFailed(
+                msg, digest=digest, reason="metadata_unreadable"
+            ) from exc
         if meta.digest != digest or meta.encoding not in ("identity", "zstd"):
             msg = f"CAS object {digest}: metadata does not describe this object"
             raise CasIntegrityFailed(msg, digest=digest, reason="metadata_unreadable")
@@ -262,7 +268,9 @@ class LocalCAS:
         stored_size = 0
         size = 0
         decompressor = (
-            zstandard.ZstdDecompressor().decompressobj() if meta.encoding == "zstd" else None
+            zstandard.ZstdDecompressor().decompressobj()
+            if meta.encoding == "zstd"
+            else None
         )
         try:
             with open(self.blob_path(digest), "rb") as blob:
@@ -276,7 +284,9 @@ class LocalCAS:
                         yield raw
         except zstandard.ZstdError as exc:
             msg = f"CAS object {digest}: stored blob does not decompress"
-            raise CasIntegrityFailed(msg, digest=digest, reason="stored_hash_mismatch") from exc
+            raise CasIntegrityFailed(
+                msg, digest=digest, reason="stored_hash_mismatch"
+            ) from exc
         except FileNotFoundError as exc:
             msg = f"no CAS object {digest}"
             raise CasObjectMissing(msg, digest=digest) from exc
@@ -285,7 +295,9 @@ class LocalCAS:
             raise CasIntegrityFailed(msg, digest=digest, reason="stored_hash_mismatch")
         if size != meta.size or content.hexdigest() != digest:
             msg = f"CAS object {digest}: content digest mismatch"
-            raise CasIntegrityFailed(msg, digest=digest, reason="content_digest_mismatch")
+            raise CasIntegrityFailed(
+                msg, digest=digest, reason="content_digest_mismatch"
+            )
 
     def get_bytes(self, digest: str) -> bytes:
         """The object's bytes, verified in full before they are returned."""
@@ -296,7 +308,9 @@ class LocalCAS:
         """Write the object to ``path``; ``path`` appears only if every byte verified."""
         meta = self.meta(digest)
         target = Path(path)
-        fd, tmp_name = tempfile.mkstemp(dir=target.parent or ".", prefix=".requiem-get-")
+        fd, tmp_name = tempfile.mkstemp(
+            dir=target.parent or ".", prefix=".requiem-get-"
+        )
         try:
             with os.fdopen(fd, "wb") as out:
                 for chunk in self._raw_chunks(digest, meta):

@@ -26,11 +26,15 @@ def register(app: typer.Typer) -> None:
 
 def digest(
     paths: Annotated[list[str] | None, typer.Argument(help="Files to hash.")] = None,
-    stdin: Annotated[bool, typer.Option("--stdin", help="Hash standard input.")] = False,
+    stdin: Annotated[
+        bool, typer.Option("--stdin", help="Hash standard input.")
+    ] = False,
     result: Annotated[
         Path | None, typer.Option("--result", help="With `verify`: a result JSON file.")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Machine-readable output.")
+    ] = False,
 ) -> None:
     paths = list(paths or [])
     if paths[:1] == ["verify"]:

@@ -21,6 +21,8 @@ from requiem.cli import (
     db_cmd,
     digest_cmd,
     engine_cmd,
+    env_cmd,
+    ops_cmd,
     service_cmd,
 )
 from requiem.errors import RequiemError
@@ -35,7 +37,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """Run commands so that the same request always gives the same, provable answer.
@@ -44,7 +45,16 @@ def _root() -> None:
     """
 
 
-for module in (digest_cmd, cas_cmd, engine_cmd, db_cmd, service_cmd, audit_cmd):
+for module in (
+    digest_cmd,
+    cas_cmd,
+    engine_cmd,
+    ops_cmd,
+    db_cmd,
+    env_cmd,
+    service_cmd,
+    audit_cmd,
+):
     module.register(app)
 
 

@@ -46,11 +46,17 @@ class Tenant(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
-    status: Mapped[str] = mapped_column(String(16), default="active")  # active|suspended
+    status: Mapped[str] = mapped_column(
+        String(16), default="active"
+    )  # active|suspended
     suspended_reason: Mapped[str | None] = mapped_column(String(256))
     is_operator: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
 
 
 class User(Base):
@@ -64,8 +70,12 @@ class User(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")
     password_hash: Mapped[str | None] = mapped_column(String(256))
     force_password_reset: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
 
 
 class ApiKey(Base):
@@ -74,12 +84,16 @@ class ApiKey(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    user_id: Mapped[str | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    user_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL")
+    )
     name: Mapped[str] = mapped_column(String(128))
     role: Mapped[str] = mapped_column(String(16))
     prefix: Mapped[str] = mapped_column(String(32))  # shown to people, not secret
     key_hash: Mapped[str] = mapped_column(String(128), unique=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
     created_by: Mapped[str | None] = mapped_column(String(128))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -92,9 +106,13 @@ class JwtKey(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     alg: Mapped[str] = mapped_column(String(16))
     public_pem: Mapped[str] = mapped_column(Text)
-    private_pem: Mapped[str | None] = mapped_column(Text)  # encrypted with the secret key
+    private_pem: Mapped[str | None] = mapped_column(
+        Text
+    )  # encrypted with the secret key
     status: Mapped[str] = mapped_column(String(16), default="pending")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
     promoted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -111,7 +129,9 @@ class TokenRevocation(Base):
     user_id: Mapped[str | None] = mapped_column(String(64))
     revoked_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     reason: Mapped[str | None] = mapped_column(String(256))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
 
 
 class Execution(Base):
@@ -133,7 +153,9 @@ class Execution(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     cache_hit: Mapped[bool] = mapped_column(Boolean, default=False)
     replay_of: Mapped[str | None] = mapped_column(String(64))
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     duration_ms: Mapped[int | None] = mapped_column(Integer)
 
@@ -147,19 +169,29 @@ class CasOwnership(Base):
         ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
     )
     digest: Mapped[str] = mapped_column(String(64), primary_key=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
 
 
 class CostRecord(Base):
     __tablename__ = "cost_records"
-    __table_args__ = (Index("ix_cost_records_tenant_created", "tenant_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_cost_records_tenant_created", "tenant_id", "created_at"),
+    )
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    )
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     execution_id: Mapped[str | None] = mapped_column(String(64))
     units: Mapped[Decimal] = mapped_column(MONEY)
     cost: Mapped[Decimal] = mapped_column(MONEY)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
 
 
 class Budget(Base):
@@ -170,7 +202,9 @@ class Budget(Base):
     )
     limit_amount: Mapped[Decimal] = mapped_column(MONEY)
     period: Mapped[str] = mapped_column(String(16), default="month")
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
     updated_by: Mapped[str | None] = mapped_column(String(128))
 
 
@@ -179,7 +213,9 @@ class Flag(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[bool] = mapped_column(Boolean, default=False)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
     updated_by: Mapped[str | None] = mapped_column(String(128))
 
 
@@ -191,7 +227,9 @@ class CircuitBreakerState(Base):
     failure_count: Mapped[int] = mapped_column(Integer, default=0)
     opened_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     details: Mapped[str | None] = mapped_column(Text)  # JSON
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
 
 
 class AuditEntry(Base):
@@ -205,7 +243,11 @@ class AuditEntry(Base):
         Index("ix_audit_ts", "ts"),
     )
 
-    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=False,
+    )
     ts: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     actor: Mapped[str | None] = mapped_column(String(128))
     tenant_id: Mapped[str | None] = mapped_column(String(64))
@@ -224,15 +266,25 @@ class AuditPending(Base):
 
     __tablename__ = "audit_pending"
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    )
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
     entry: Mapped[str] = mapped_column(Text)  # JSON of the entry without seq and hashes
 
 
 class AuditCheckpoint(Base):
     __tablename__ = "audit_checkpoints"
 
-    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=False,
+    )
     head_hash: Mapped[str] = mapped_column(String(64))
     signed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     key_id: Mapped[str] = mapped_column(String(64))
