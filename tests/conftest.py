@@ -27,7 +27,7 @@ def vectors() -> Path:
 
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private REQUIEM_HOME; every REQUIEM_* and DATABASE_URL of the caller removed."""
+    """A private REQUIEM_HOME; the caller's REQUIEM_* and DATABASE_URL removed."""
     for name in list(os.environ):
         if (name.startswith("REQUIEM_") and not name.startswith("REQUIEM_TEST_")) or (
             name == "DATABASE_URL"
@@ -87,7 +87,7 @@ def _reachable(url: str) -> bool:
 
 @pytest.fixture(scope="session")
 def postgres_server_url() -> str:
-    """URL of a reachable PostgreSQL server; skipped (failed in CI) when there is none."""
+    """A reachable PostgreSQL server; skipped (failed in CI) when there is none."""
     url = os.environ.get("REQUIEM_TEST_POSTGRES_URL") or DEFAULT_POSTGRES_URL
     if _reachable(url):
         return url

@@ -1,3 +1,3 @@
-"""Requiem: run commands so that the same request always gives the same, provable answer."""
+"""Requiem: the same request always gives the same, provable answer."""
 
 __version__ = "0.1.0"

@@ -128,7 +128,7 @@ class LocalCAS:
         return self._put(iter((data,)) if data else iter(()), durable=durable)
 
     def put_stream(self, stream: BinaryIO, *, durable: bool = True) -> str:
-        """Store everything left in ``stream`` in constant memory; returns its digest."""
+        """Store the rest of ``stream`` in constant memory; returns its digest."""
 
         def chunks() -> Iterator[bytes]:
             while chunk := stream.read(CHUNK):
@@ -305,7 +305,7 @@ class LocalCAS:
         return b"".join(self._raw_chunks(digest, meta))
 
     def get_to_file(self, digest: str, path: str | Path) -> ObjectMeta:
-        """Write the object to ``path``; ``path`` appears only if every byte verified."""
+        """Write the object to ``path``, which appears only if every byte verified."""
         meta = self.meta(digest)
         target = Path(path)
         fd, tmp_name = tempfile.mkstemp(
@@ -322,7 +322,7 @@ class LocalCAS:
         return meta
 
     def get_to_stream(self, digest: str, out: BinaryIO) -> ObjectMeta:
-        """Verify the object, then copy it to ``out``; nothing is written if it is bad."""
+        """Verify the object, then copy it to ``out``; a bad one writes nothing."""
         meta = self.meta(digest)
         for _ in self._raw_chunks(digest, meta):
             pass

@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
     app.command(
         "digest",
         help=(
-            "Print the BLAKE3 of each FILE (or of stdin) as `digest  path`, like b3sum. "
+            "Print the BLAKE3 of each FILE (or stdin) as `digest  path`, like b3sum. "
             "`requiem digest verify --result R` recomputes every digest in a stored "
             "result."
         ),

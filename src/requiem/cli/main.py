@@ -29,7 +29,7 @@ from requiem.errors import RequiemError
 
 app = typer.Typer(
     name="requiem",
-    help="Run commands so that the same request always gives the same, provable answer.",
+    help="Run commands so the same request always gives the same, provable answer.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -52,7 +52,8 @@ def make_engine(settings: Settings, url: str | None = None) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     if parsed.get_backend_name() != "postgresql":
-        msg = f"unsupported database {parsed.get_backend_name()!r}: use PostgreSQL or SQLite"
+        backend = parsed.get_backend_name()
+        msg = f"unsupported database {backend!r}: use PostgreSQL or SQLite"
         raise ConfigError(msg)
     return create_engine(
         parsed,

@@ -262,7 +262,7 @@ class AuditEntry(Base):
 
 
 class AuditPending(Base):
-    """Durable entries acknowledged to their caller but not yet linked into the chain."""
+    """Durable entries acknowledged to the caller, not yet linked into the chain."""
 
     __tablename__ = "audit_pending"
 
