@@ -1,0 +1,281 @@
+"""What one server process holds: database, CAS, flag and key caches, health, limits.
+
+The app keeps one :class:`Service` in ``app.state.service``; routes reach it through
+:func:`get_service`. Everything here is safe to use from the event loop and from
+worker threads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+from fastapi import Request
+from sqlalchemy import text
+
+from requiem import __version__, log
+from requiem.cas.store import LocalCAS
+from requiem.control import audit, credentials
+from requiem.control.credentials import Principal
+from requiem.control.flags import FlagCache
+from requiem.errors import RequiemError, TooManyRequests
+from requiem.settings import Settings
+from requiem.store.bootstrap import ensure_schema
+from requiem.store.db import make_engine, session_factory
+
+logger = log.get("requiem.api")
+
+KEY_CACHE_TTL_S = 1.0
+KEY_CACHE_MAX = 10_000
+HEALTH_TTL_S = 1.0
+
+
+class ExecutionQueueFull(TooManyRequests):
+    code = "execution_queue_full"
+
+
+class KeyCache:
+    """Recently verified keys by HMAC, at most one second old.
+
+    Revoking a key therefore takes effect on every replica within a second, and a
+    busy client costs one database read per second instead of one per request.
+    Failures are never cached, so each one is checked and audited.
+    """
+
+    def __init__(self, ttl: float = KEY_CACHE_TTL_S) -> None:
+        self._ttl = ttl
+        self._entries: dict[str, tuple[Principal, float]] = {}
+
+    def get(self, key_hash: str) -> Principal | None:
+        entry = self._entries.get(key_hash)
+        if entry is None or time.monotonic() - entry[1] >= self._ttl:
+            return None
+        return entry[0]
+
+    def put(self, key_hash: str, principal: Principal) -> None:
+        if len(self._entries) >= KEY_CACHE_MAX:
+            self._entries.clear()
+        self._entries[key_hash] = (principal, time.monotonic())
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class ExecutionLimiter:
+    """At most ``slots`` executions at once; a caller waits up to ``queue_timeout_s``.
+
+    A caller still waiting when the time runs out gets 429 ``execution_queue_full``
+    with ``Retry-After``, so load beyond capacity is shed instead of piling up.
+    """
+
+    def __init__(self, slots: int, queue_timeout_s: float) -> None:
+        self.slots = max(1, slots)
+        self.queue_timeout_s = queue_timeout_s
+        self._semaphore = asyncio.Semaphore(self.slots)
+        self.running = 0
+        self.waiting = 0
+
+    async def acquire(self) -> None:
+        from requiem.api import metrics
+
+        self.waiting += 1
+        metrics.EXECUTIONS_QUEUED.inc()
+        try:
+            async with asyncio.timeout(self.queue_timeout_s):
+                await self._semaphore.acquire()
+        except TimeoutError as exc:
+            msg = (
+                f"all {self.slots} execution slots stayed busy for "
+                f"{self.queue_timeout_s:g} s; retry later"
+            )
+            raise ExecutionQueueFull(msg, retry_after_s=1) from exc
+        finally:
+            self.waiting -= 1
+            metrics.EXECUTIONS_QUEUED.dec()
+        self.running += 1
+
+    def release(self) -> None:
+        self.running -= 1
+        self._semaphore.release()
+
+
+class Service:
+    """The resources of one server process, created by ``create_app``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = make_engine(settings)
+        self.sessions = session_factory(self.db)
+        self.cas = LocalCAS.from_settings(settings)
+        self.flags = FlagCache(self.sessions)
+        self.keys = KeyCache()
+        self.limiter = ExecutionLimiter(
+            settings.int("REQUIEM_MAX_CONCURRENT_EXECUTIONS"),
+            settings.int("REQUIEM_QUEUE_TIMEOUT_MS") / 1000,
+        )
+        self.max_body_bytes = settings.int("REQUIEM_MAX_BODY_BYTES")
+        self.secret_key = settings.secret_key
+        self.draining = False
+        self.started_at = time.time()
+        self.audit_service: Any = None
+        self.pool: Any = None
+        self.engine: Any = None
+        self._health: dict[str, Any] | None = None
+        self._health_at = float("-inf")
+        self._health_lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bring the database schema and the CAS directory up; start helpers."""
+        ensure_schema(self.db)
+        self.cas.ensure()
+        self.flags.refresh()
+        self.audit_service = audit.AuditService(self.sessions, self.settings)
+        self.audit_service.start()
+        logger.info("service_started", version=__version__)
+
+    def stop(self) -> None:
+        """Flush what is buffered, drain the pool, release the database."""
+        if self.audit_service is not None:
+            self.audit_service.stop()
+        if self.pool is not None:
+            self.pool.drain(self.settings.float("REQUIEM_SHUTDOWN_GRACE_S"))
+        self.db.dispose()
+        logger.info("service_stopped")
+
+    def cas_totals(self) -> tuple[int, int]:
+        """Number of objects in the CAS and their logical bytes (walks the tree)."""
+        objects = size = 0
+        for digest in self.cas.iter_digests():
+            try:
+                size += self.cas.meta(digest).size
+            except RequiemError:
+                continue
+            objects += 1
+        return objects, size
+
+    # -- authentication ----------------------------------------------------------
+
+    def authenticate(
+        self, presented: str, request_id: str | None, source_ip: str | None
+    ) -> Principal:
+        """The principal for ``presented``; a failure is audited and raised."""
+        key_hash = credentials.hash_key(self.secret_key, presented)
+        cached = self.keys.get(key_hash)
+        if cached is not None:
+            return cached
+        try:
+            with self.sessions() as session:
+                principal = credentials.authenticate(
+                    session, self.secret_key, presented
+                )
+        except RequiemError as exc:
+            self.audit_failed_auth(exc, request_id, source_ip)
+            raise
+        self.keys.put(key_hash, principal)
+        return principal
+
+    def audit_failed_auth(
+        self, exc: RequiemError, request_id: str | None, source_ip: str | None
+    ) -> None:
+        details = {"reason": exc.code, "source_ip": source_ip}
+        if "key_id" in exc.details:
+            details["key_id"] = exc.details["key_id"]
+        audit.record(
+            self.sessions,
+            "auth.failure",
+            actor=None,
+            target=exc.details.get("key_id"),
+            outcome="failure",
+            source="api",
+            request_id=request_id,
+            details=details,
+        )
+
+    # -- health ------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        """The health document, recomputed at most once a second."""
+        if time.monotonic() - self._health_at >= HEALTH_TTL_S:
+            await anyio.to_thread.run_sync(self._refresh_health)
+        assert self._health is not None
+        document = dict(self._health)
+        if self.draining:
+            document["status"] = "draining"
+            document["ready"] = False
+        return document
+
+    def _refresh_health(self) -> None:
+        with self._health_lock:
+            if time.monotonic() - self._health_at < HEALTH_TTL_S:
+                return
+            checks = {
+                "database": _check(self._check_database),
+                "cas": _check(self._check_cas),
+                "engine": _check(self._check_engine),
+                "sandbox": _check(self._check_sandbox),
+                "flags": _check(self._check_flags),
+            }
+            ready = all(c["ok"] for c in checks.values() if c.get("required", True))
+            self._health = {
+                "status": "ok" if ready else "degraded",
+                "ready": ready,
+                "live": True,
+                "version": __version__,
+                "uptime_s": round(time.time() - self.started_at, 3),
+                "checks": checks,
+            }
+            self._health_at = time.monotonic()
+
+    def _check_database(self) -> dict[str, Any]:
+        with self.db.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return {"backend": self.db.dialect.name}
+
+    def _check_cas(self) -> dict[str, Any]:
+        self.cas.ensure()
+        return {"root": str(self.cas.root), "free_bytes": self.cas.disk_free()}
+
+    def _check_engine(self) -> dict[str, Any]:
+        if self.engine is None:
+            raise RuntimeError("execution engine not loaded")
+        return {"loaded": True}
+
+    def _check_sandbox(self) -> dict[str, Any]:
+        configured = self.settings.get("REQUIEM_BWRAP")
+        found = str(configured) if configured else shutil.which("bwrap")
+        # Without bubblewrap executions still run, unsandboxed and reported so.
+        return {"bwrap": found, "available": bool(found), "required": False}
+
+    def _check_flags(self) -> dict[str, Any]:
+        return {"values": self.flags.values()}
+
+
+def _check(probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        result = probe()
+    except Exception as exc:  # noqa: BLE001 - a failed probe is a health answer
+        required = True
+        return {
+            "ok": False,
+            "required": required,
+            "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+    result.setdefault("required", True)
+    return {
+        "ok": True,
+        **result,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+    }
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
