@@ -289,3 +289,24 @@ class AuditCheckpoint(Base):
     signed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     key_id: Mapped[str] = mapped_column(String(64))
     signature: Mapped[str] = mapped_column(String(256))  # base64 Ed25519
+
+
+class AuditRun(Base):
+    """The latest audit flush and verification, one row per kind (flush|verify)."""
+
+    __tablename__ = "audit_runs"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ok: Mapped[bool] = mapped_column(Boolean, default=True)
+    count: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), default=0
+    )
+    head_seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), default=0
+    )
+    first_bad_seq: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite")
+    )
+    damage: Mapped[str | None] = mapped_column(String(32))
+    message: Mapped[str | None] = mapped_column(String(512))
