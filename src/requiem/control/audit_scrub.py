@@ -1,0 +1,81 @@
+"""Removing secrets from what goes into the audit log.
+
+An audit entry is kept forever and exported as evidence, so nothing secret may reach
+it. Two nets catch secrets: by *name* (a details key such as ``password``,
+``api_key`` or ``Authorization`` has its whole value replaced) and by *shape* (a
+string anywhere that contains one of our API keys ``rqm_…``, a bearer token, a JWT or
+a URL with a password has that part replaced). No library offers this pairing for
+our own key format, hence the few rules below.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+REDACTED = "[redacted]"
+
+# A name is split into lower-case words (snake, kebab, camel); it is secret when one
+# of its words contains one of these stems, or when its last word is "key"/"keys"
+# (api_key, x-api-key, private_key) — key_id and key_prefix name a key, not hold one.
+_SECRET_STEMS = (
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "passphrase",
+    "credential",
+    "authorization",
+    "cookie",
+    "apikey",
+    "privatekey",
+)
+_SECRET_WORDS = frozenset({"pwd", "pass", "auth"})
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+
+_SECRET_VALUES = (
+    # Our API keys.
+    re.compile(r"rqm_[A-Za-z0-9_\-]{6,}"),
+    # JSON Web Tokens: three base64url parts, the first two always start with eyJ.
+    re.compile(r"eyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*"),
+    # "Bearer <anything>", "Basic <anything>" as in an Authorization header.
+    re.compile(r"(?i)\b(?:bearer|basic)\s+[A-Za-z0-9._~+/=\-]{8,}"),
+)
+# scheme://user:password@host — keep the user and host, drop the password.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)[^\s@/]+@")
+
+
+def is_secret_name(name: str) -> bool:
+    """True if a details key named ``name`` holds a secret."""
+    words = [w.lower() for w in _WORD.findall(name)]
+    if not words:
+        return False
+    if words[-1] in ("key", "keys"):
+        return True
+    joined = "".join(words)
+    if any(stem in joined for stem in _SECRET_STEMS):
+        return True
+    return any(w in _SECRET_WORDS for w in words)
+
+
+def scrub_text(text: str) -> str:
+    """``text`` with every secret-shaped part replaced by ``[redacted]``."""
+    if "://" in text:
+        text = _URL_PASSWORD.sub(rf"\1{REDACTED}@", text)
+    for pattern in _SECRET_VALUES:
+        text = pattern.sub(REDACTED, text)
+    return text
+
+
+def scrub(value: Any) -> Any:
+    """A copy of ``value`` (JSON-like) with secrets removed, recursively."""
+    if isinstance(value, str):
+        return scrub_text(value)
+    if isinstance(value, dict):
+        return {
+            str(k): REDACTED if is_secret_name(str(k)) else scrub(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [scrub(v) for v in value]
+    return value

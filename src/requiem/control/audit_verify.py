@@ -1,0 +1,343 @@
+"""Proving the audit chain intact, in the database or in an export file.
+
+The walk recomputes every entry's hash, checks that each entry names its
+predecessor's hash and that sequence numbers have no gap, and checks every signed
+checkpoint on the way: its signature, and that the chain's hash at its sequence
+number is the one it signed. A checkpoint kept outside the database (``audit
+checkpoint --out``) catches even a rewrite that recomputed every hash. The first
+failure raises :class:`AuditChainBroken` naming the sequence number and the damage:
+``hash_mismatch``, ``broken_link``, ``gap``, ``checkpoint_mismatch``,
+``bad_signature`` or ``truncated``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from requiem import digest
+from requiem.control import audit_chain
+from requiem.control.audit_chain import GENESIS, AuditChainBroken, entry_hash, ts_text
+from requiem.control.audit_keys import Checkpoint, parse_public_pem, signature_valid
+from requiem.errors import FileMissing, InvalidInput, RequiemError
+from requiem.store.models import AuditCheckpoint, AuditEntry
+
+_COLUMNS = (
+    "seq, ts, actor, tenant_id, action, target, outcome, source, request_id, "
+    "details, prev_hash, hash"
+)
+_FETCH = 5000
+
+
+class AuditCheckpointInvalid(InvalidInput):
+    code = "audit_checkpoint_invalid"
+
+
+@dataclass
+class VerifyReport:
+    """What a successful walk covered."""
+
+    checked: int = 0
+    first_seq: int | None = None
+    head_seq: int = 0
+    head_hash: str = GENESIS
+    checkpoints: int = 0
+    signatures_checked: bool = True
+    key_source: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "checked": self.checked,
+            "first_seq": self.first_seq,
+            "head_seq": self.head_seq,
+            "head_hash": self.head_hash,
+            "checkpoints": self.checkpoints,
+            "signatures_checked": self.signatures_checked,
+            "key_source": self.key_source,
+        }
+
+
+def _broken(seq: int, damage: str, message: str) -> AuditChainBroken:
+    return AuditChainBroken(
+        f"audit chain broken at seq {seq}: {message}", seq=seq, damage=damage
+    )
+
+
+def _check_checkpoint(
+    checkpoint: Checkpoint, chain_hash: str, key: Ed25519PublicKey | None
+) -> None:
+    if key is not None and not signature_valid(key, checkpoint):
+        msg = "checkpoint signature does not verify with the audit public key"
+        raise _broken(checkpoint.seq, "bad_signature", msg)
+    if checkpoint.head_hash != chain_hash:
+        msg = (
+            "the chain's hash differs from the one the checkpoint signed "
+            "(history up to here was rewritten)"
+        )
+        raise _broken(checkpoint.seq, "checkpoint_mismatch", msg)
+
+
+def walk(
+    rows: Iterable[tuple[Any, ...]],
+    *,
+    start_seq: int,
+    prev_hash: str,
+    checkpoints: dict[int, list[Checkpoint]],
+    key: Ed25519PublicKey | None,
+    report: VerifyReport,
+) -> VerifyReport:
+    """Check ``rows`` (in ``_COLUMNS`` order, ascending) and the checkpoints."""
+    expected, prev = start_seq, prev_hash
+    for row in rows:
+        seq = row[0]
+        if seq != expected:
+            msg = f"entry {expected} is missing (next entry is {seq})"
+            raise _broken(expected, "gap", msg)
+        computed = entry_hash(
+            seq,
+            row[10],
+            ts_text(row[1]),
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            row[6],
+            row[7],
+            row[8],
+            row[9],
+        )
+        if computed != row[11]:
+            raise _broken(seq, "hash_mismatch", "the entry's content was changed")
+        if row[10] != prev:
+            msg = "the entry does not name its predecessor's hash"
+            raise _broken(seq, "broken_link", msg)
+        prev = computed
+        expected += 1
+        for checkpoint in checkpoints.get(seq, ()):
+            _check_checkpoint(checkpoint, prev, key)
+            report.checkpoints += 1
+        if report.first_seq is None:
+            report.first_seq = seq
+    head = expected - 1
+    beyond = [seq for seq in checkpoints if seq > head]
+    if beyond:
+        msg = (
+            f"a checkpoint covers entries up to {max(beyond)} but the chain "
+            f"ends at {head}"
+        )
+        raise _broken(head + 1, "truncated", msg)
+    report.checked = head - start_seq + 1
+    report.head_seq = head
+    report.head_hash = prev
+    return report
+
+
+def _rows(session: Session, from_seq: int) -> Iterator[tuple[Any, ...]]:
+    """Entries from ``from_seq`` on, ascending, straight from the driver (fast)."""
+    connection = session.connection().connection.dbapi_connection
+    assert connection is not None
+    if session.get_bind().dialect.name == "sqlite":
+        cursor = connection.cursor()
+        sql = f"SELECT {_COLUMNS} FROM audit_entries WHERE seq >= ? ORDER BY seq"
+    else:
+        cursor = connection.cursor(name="requiem_audit_verify")  # server side
+        sql = f"SELECT {_COLUMNS} FROM audit_entries WHERE seq >= %s ORDER BY seq"
+    try:
+        cursor.execute(sql, (from_seq,))
+        while batch := cursor.fetchmany(_FETCH):
+            yield from batch
+    finally:
+        cursor.close()
+
+
+def _stored_checkpoints(session: Session, from_seq: int) -> dict[int, list[Checkpoint]]:
+    found: dict[int, list[Checkpoint]] = {}
+    rows = session.execute(
+        select(AuditCheckpoint).where(AuditCheckpoint.seq >= from_seq)
+    ).scalars()
+    for row in rows:
+        checkpoint = Checkpoint(
+            row.seq, row.head_hash, ts_text(row.signed_at), row.key_id, row.signature
+        )
+        found.setdefault(row.seq, []).append(checkpoint)
+    return found
+
+
+def verify_database(
+    factory: sessionmaker[Session],
+    key: Ed25519PublicKey | None,
+    *,
+    from_seq: int = 1,
+    against: Checkpoint | None = None,
+) -> VerifyReport:
+    """Walk the stored chain from ``from_seq``; raises AuditChainBroken on damage.
+
+    With ``key`` None, checkpoint hashes are still compared but signatures are not
+    checked (the report says so).
+    """
+    from_seq = max(1, from_seq)
+    report = VerifyReport(signatures_checked=key is not None)
+    if against is not None:
+        _check_checkpoint(against, against.head_hash, key)
+    with factory() as session, session.begin():
+        prev = GENESIS
+        if from_seq > 1:
+            prev = session.execute(
+                select(AuditEntry.hash).where(AuditEntry.seq == from_seq - 1)
+            ).scalar_one_or_none()
+            if prev is None:
+                msg = f"entry {from_seq - 1} is missing"
+                raise _broken(from_seq - 1, "gap", msg)
+        checkpoints = _stored_checkpoints(session, from_seq)
+        if against is not None and against.seq >= from_seq:
+            checkpoints.setdefault(against.seq, []).append(against)
+        return walk(
+            _rows(session, from_seq),
+            start_seq=from_seq,
+            prev_hash=prev,
+            checkpoints=checkpoints,
+            key=key,
+            report=report,
+        )
+
+
+def checkpoint_from_dict(value: Any, where: str) -> tuple[Checkpoint, str | None]:
+    """A checkpoint and its embedded public key PEM from a file's JSON object."""
+    try:
+        checkpoint = Checkpoint(
+            seq=int(value["seq"]),
+            head_hash=str(value["head_hash"]),
+            signed_at=str(value["signed_at"]),
+            key_id=str(value["key_id"]),
+            signature=str(value["signature"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        msg = f"{where} is not an audit checkpoint (needs seq, head_hash, signature…)"
+        raise AuditCheckpointInvalid(msg) from exc
+    pem = value.get("public_key")
+    return checkpoint, pem if isinstance(pem, str) else None
+
+
+def read_checkpoint_file(path: Path) -> tuple[Checkpoint, str | None]:
+    """The checkpoint saved by ``audit checkpoint --out`` at ``path``."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise FileMissing(f"no checkpoint file at {path}", path=str(path)) from exc
+    except OSError as exc:
+        msg = f"cannot read checkpoint file {path}: {exc.strerror}"
+        raise AuditCheckpointInvalid(msg) from exc
+    try:
+        value = digest.parse_json(raw)
+    except RequiemError as exc:
+        msg = f"checkpoint file {path} is not JSON: {exc.message}"
+        raise AuditCheckpointInvalid(msg) from exc
+    if not isinstance(value, dict):
+        msg = f"checkpoint file {path} does not hold a JSON object"
+        raise AuditCheckpointInvalid(msg)
+    return checkpoint_from_dict(value, f"checkpoint file {path}")
+
+
+def _export_row(value: Any, expected: int) -> tuple[Any, ...]:
+    if not isinstance(value, dict) or not isinstance(value.get("details"), dict):
+        raise _broken(expected, "hash_mismatch", "a line is not an audit entry")
+    texts = [value.get(name) for name in audit_chain.FIELDS]
+    required = [value.get(n) for n in ("ts", "action", "outcome", "prev_hash", "hash")]
+    if (
+        not all(t is None or isinstance(t, str) for t in texts)
+        or not all(isinstance(t, str) for t in required)
+        or type(value.get("seq")) is not int
+    ):
+        raise _broken(expected, "hash_mismatch", "a field of an entry has a bad type")
+    try:
+        return (
+            int(value["seq"]),
+            str(value["ts"]),
+            *(value[name] for name in audit_chain.FIELDS[1:]),
+            digest.canonical_json(value["details"]).decode("utf-8"),
+            str(value["prev_hash"]),
+            str(value["hash"]),
+        )
+    except (KeyError, TypeError, ValueError, RequiemError) as exc:
+        msg = f"a line is not an audit entry ({type(exc).__name__})"
+        raise _broken(expected, "hash_mismatch", msg) from exc
+
+
+def verify_export(
+    lines: Iterable[bytes], trusted: Ed25519PublicKey | None
+) -> VerifyReport:
+    """Verify an ``audit export`` file on its own (no database needed).
+
+    The file must end with a checkpoint covering its last entry. Its signature is
+    checked with ``trusted`` when given, else with the public key the file carries
+    (which proves integrity only if that key is the service's; the report says
+    which key was used).
+    """
+    entries: list[tuple[Any, ...]] = []
+    checkpoint: Checkpoint | None = None
+    embedded: str | None = None
+    buffered = list(lines)
+    for number, raw in enumerate(buffered, start=1):
+        expected = entries[-1][0] + 1 if entries else 0
+        if checkpoint is not None:
+            msg = "entries follow the export's closing checkpoint"
+            raise _broken(checkpoint.seq + 1, "checkpoint_mismatch", msg)
+        if not raw.endswith(b"\n"):
+            msg = f"line {number} is cut short"
+            raise _broken(expected, "truncated", msg)
+        try:
+            value = digest.parse_json(raw)
+        except RequiemError as exc:
+            msg = f"line {number} is not JSON"
+            raise _broken(expected, "hash_mismatch", msg) from exc
+        if isinstance(value, dict) and value.get("type") == "checkpoint":
+            checkpoint, embedded = checkpoint_from_dict(value, f"line {number}")
+            continue
+        entries.append(_export_row(value, expected))
+
+    last = entries[-1][0] if entries else 0
+    if checkpoint is None:
+        msg = "the export does not end with a signed checkpoint"
+        raise _broken(last + 1, "truncated", msg)
+    report = VerifyReport(signatures_checked=True, key_source="given")
+    key = trusted
+    if key is None:
+        if embedded is None:
+            raise _broken(
+                checkpoint.seq, "bad_signature", "no public key to check with"
+            )
+        key = parse_public_pem(embedded)
+        report.key_source = "embedded"
+    if checkpoint.seq < last:
+        msg = f"entries after {checkpoint.seq} are not covered by the checkpoint"
+        raise _broken(checkpoint.seq + 1, "checkpoint_mismatch", msg)
+    if not entries:
+        _check_checkpoint(checkpoint, checkpoint.head_hash, key)
+        report.checkpoints = 1
+        return report
+    first = entries[0]
+    return walk(
+        entries,
+        start_seq=first[0],
+        prev_hash=first[10],
+        checkpoints={checkpoint.seq: [checkpoint]},
+        key=key,
+        report=report,
+    )
+
+
+def export_line(row: dict[str, Any]) -> str:
+    """One JSON Lines entry of an export: the hashed record plus its hash."""
+    record = audit_chain.hashed_record(row)
+    record["hash"] = row["hash"]
+    record["type"] = "entry"
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
