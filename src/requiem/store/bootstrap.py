@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from alembic import command
 from sqlalchemy import Engine
 
-from requiem.store.models import Base
+from requiem import settings
+from requiem.store import migrate
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Create every table the code expects, if it is missing."""
-    Base.metadata.create_all(engine)
+    """Migrate ``engine``'s database to the newest revision (under the lock).
+
+    Cheap when the database is already there: one query reads its revision. An
+    in-memory SQLite database lives in one connection only, so it is migrated on
+    that connection, without the lock or the run log.
+    """
+    with engine.connect() as conn:
+        if migrate.current_revision(conn) == migrate.head():
+            return
+        if engine.url.get_backend_name() == "sqlite" and engine.url.database in (
+            None,
+            "",
+            ":memory:",
+        ):
+            command.upgrade(migrate.alembic_config(connection=conn), "head")
+            conn.commit()
+            return
+    migrate.Migrator(engine, settings.load(), source="service").upgrade()

@@ -164,6 +164,7 @@ class CasOwnership(Base):
     """Which tenant stored or produced a CAS object (tenants see only their own)."""
 
     __tablename__ = "cas_ownership"
+    __table_args__ = (Index("ix_cas_ownership_digest", "digest"),)
 
     tenant_id: Mapped[str] = mapped_column(
         ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
