@@ -14,6 +14,8 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from requiem import __version__
@@ -21,23 +23,30 @@ from requiem import settings as settings_module
 from requiem.api import (
     metrics,
     routes_admin,
+    routes_audit,
+    routes_cas,
+    routes_executions,
     routes_health,
 )
 from requiem.api.middleware import ServiceMiddleware, retry_after
 from requiem.api.responses import (
+    BadRequest,
     BodyTooLarge,
     ErrorBody,
-    InvalidRequest,
     MethodNotAllowed,
     error_response,
 )
 from requiem.api.service import Service
 from requiem.errors import JsonParseError, NotFound, RequiemError
 from requiem.settings import Settings
+from requiem.store.errors import DatabaseUnreachable
 
 ROUTERS = [
     routes_health.router,
+    routes_executions.router,
+    routes_cas.router,
     routes_admin.router,
+    routes_audit.router,
 ]
 
 # Statuses any operation can answer, whatever its own list says.
@@ -75,6 +84,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequiemError, _requiem_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    for database_error in (OperationalError, InterfaceError, PoolTimeout):
+        app.add_exception_handler(database_error, _database_error)
     app.add_middleware(ServiceMiddleware, service=service)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
@@ -111,10 +122,19 @@ async def _http_error(request: Request, exc: Exception) -> Any:
     elif exc.status_code == 413:
         error = BodyTooLarge(str(exc.detail))
     else:
-        error = InvalidRequest(str(exc.detail))
+        error = BadRequest(str(exc.detail))
     request.state.error_code = error.code
     headers = dict(exc.headers or {})
     return error_response(error, _request_id(request), headers=headers or None)
+
+
+async def _database_error(request: Request, exc: Exception) -> Any:
+    error = DatabaseUnreachable(
+        f"the database did not answer ({type(exc).__name__}); retry shortly",
+        retry_after_s=1,
+    )
+    request.state.error_code = error.code
+    return error_response(error, _request_id(request), headers=retry_after(error))
 
 
 async def _validation_error(request: Request, exc: Exception) -> Any:
@@ -127,7 +147,7 @@ async def _validation_error(request: Request, exc: Exception) -> Any:
         first = problems[0] if problems else {}
         where = ".".join(str(part) for part in first.get("loc", ()))
         message = f"{where}: {first.get('msg', 'invalid value')}"
-        error = InvalidRequest(message, problems=[_plain(p) for p in problems[:10]])
+        error = BadRequest(message, problems=[_plain(p) for p in problems[:10]])
     request.state.error_code = error.code
     return error_response(error, _request_id(request))
 

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from requiem.api.responses import InvalidRequest
+from requiem.api.responses import BadRequest
 from requiem.digest import parse_json
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -33,7 +33,7 @@ async def parse_body(request: Request, model: type[Model]) -> Model:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise InvalidRequest(f"{where}: {first['msg']}") from exc
+        raise BadRequest(f"{where}: {first['msg']}") from exc
 
 
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:

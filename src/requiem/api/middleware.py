@@ -25,6 +25,7 @@ from requiem.api.responses import BodyTooLarge, ShuttingDown, error_body
 from requiem.api.service import Service
 from requiem.control.flags import MaintenanceMode
 from requiem.errors import RequiemError
+from requiem.store.pool import current_request_id
 
 logger = log.get("requiem.api")
 
@@ -73,6 +74,8 @@ class ServiceMiddleware:
             await send(message)
 
         metrics.ACTIVE_REQUESTS.inc()
+        self.service.active_requests += 1
+        token = current_request_id.set(request_id)
         try:
             refusal = self._gate(scope, headers)
             if refusal is not None:
@@ -94,7 +97,9 @@ class ServiceMiddleware:
                 )
             status["error"] = type(exc).__name__
         finally:
+            current_request_id.reset(token)
             metrics.ACTIVE_REQUESTS.dec()
+            self.service.active_requests -= 1
             self._observe(scope, status["code"], started, request_id)
 
     def _gate(self, scope: Scope, headers: dict[bytes, bytes]) -> RequiemError | None:

@@ -20,8 +20,8 @@ class MethodNotAllowed(InvalidInput):
     http_status = 405
 
 
-class InvalidRequest(InvalidInput):
-    code = "invalid_request"
+class BadRequest(InvalidInput):
+    code = "bad_request"
 
 
 class BodyTooLarge(TooLarge):

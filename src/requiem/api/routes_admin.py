@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, StrictBool
 
 from requiem.api.auth import Admin, Principal
@@ -116,3 +116,87 @@ async def set_flag(name: str, request: Request, principal: OperatorAdmin) -> Any
         return {**state.as_dict(), "old_value": old}
 
     return await anyio.to_thread.run_sync(write)
+
+
+class PoolStatus(BaseModel):
+    pool: str
+    size: int
+    checked_out: int
+    checked_in: int
+    overflow: int
+    max_overflow: int
+    timeout_s: float | None
+    waiters: int
+    checkouts_total: int
+    draining: bool
+
+
+class PoolLeak(BaseModel):
+    held_s: float
+    since: str
+    thread: str
+    request_id: str | None
+    stack: list[str]
+
+
+class PoolDrain(BaseModel):
+    drained: bool
+    checked_out: int
+    waited_s: float
+    holders: list[PoolLeak]
+
+
+class PoolLeaks(BaseModel):
+    threshold_s: float
+    leaks: list[PoolLeak]
+
+
+@router.get(
+    "/db/pool",
+    response_model=PoolStatus,
+    summary="This process's database pool: size, checked out, overflow, waiters",
+    responses=errors(401, 403),
+)
+async def pool_status(request: Request, principal: OperatorAdmin) -> Any:
+    return get_service(request).pool.status()
+
+
+@router.post(
+    "/db/pool/drain",
+    response_model=PoolDrain,
+    summary="Refuse new checkouts and wait for every connection to come back",
+    responses=errors(401, 403),
+)
+async def pool_drain(
+    request: Request,
+    principal: OperatorAdmin,
+    timeout_s: Annotated[float, Query(ge=0, le=300)] = 10.0,
+) -> Any:
+    pool = get_service(request).pool
+    return await anyio.to_thread.run_sync(pool.drain, timeout_s)
+
+
+@router.get(
+    "/db/pool/leaks",
+    response_model=PoolLeaks,
+    summary="Connections held longer than threshold_s, with who took them",
+    responses=errors(401, 403),
+)
+async def pool_leaks(
+    request: Request,
+    principal: OperatorAdmin,
+    threshold_s: Annotated[float, Query(ge=0, le=86400)] = 30.0,
+) -> Any:
+    leaks = get_service(request).pool.leaks(threshold_s)
+    return {"threshold_s": threshold_s, "leaks": leaks}
+
+
+@router.post(
+    "/db/pool/reset",
+    response_model=PoolStatus,
+    summary="Close every pooled connection and accept checkouts again",
+    responses=errors(401, 403),
+)
+async def pool_reset(request: Request, principal: OperatorAdmin) -> Any:
+    pool = get_service(request).pool
+    return await anyio.to_thread.run_sync(pool.reset)

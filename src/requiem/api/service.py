@@ -8,31 +8,40 @@ worker threads at once.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 import anyio
 from fastapi import Request
-from sqlalchemy import text
+from sqlalchemy import Engine as SqlEngine
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from requiem import __version__, log
 from requiem.cas.store import LocalCAS
 from requiem.control import audit, credentials
 from requiem.control.credentials import Principal
+from requiem.control.executions import ExecutionService
 from requiem.control.flags import FlagCache
+from requiem.engine import Engine
 from requiem.errors import RequiemError, TooManyRequests
 from requiem.settings import Settings
 from requiem.store.bootstrap import ensure_schema
 from requiem.store.db import make_engine, session_factory
+from requiem.store.pool import PoolMonitor
 
 logger = log.get("requiem.api")
 
 KEY_CACHE_TTL_S = 1.0
 KEY_CACHE_MAX = 10_000
 HEALTH_TTL_S = 1.0
+
+# Set by the server on SIGTERM: every Service of the process starts draining.
+SHUTDOWN = threading.Event()
 
 
 class ExecutionQueueFull(TooManyRequests):
@@ -120,14 +129,30 @@ class Service:
         )
         self.max_body_bytes = settings.int("REQUIEM_MAX_BODY_BYTES")
         self.secret_key = settings.secret_key
-        self.draining = False
+        self._draining = False
         self.started_at = time.time()
         self.audit_service: Any = None
-        self.pool: Any = None
-        self.engine: Any = None
+        self.pool = PoolMonitor(self.db)
+        self._side_db: SqlEngine | None = None
+        self.active_requests = 0
+        self.engine = Engine(self.cas, settings)
+        self.executions = ExecutionService(
+            self.sessions,
+            self.cas,
+            self.engine,
+            Decimal(str(settings.get("REQUIEM_COST_PER_SECOND"))),
+        )
         self._health: dict[str, Any] | None = None
         self._health_at = float("-inf")
         self._health_lock = threading.Lock()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining or SHUTDOWN.is_set()
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -144,10 +169,24 @@ class Service:
         """Flush what is buffered, drain the pool, release the database."""
         if self.audit_service is not None:
             self.audit_service.stop()
-        if self.pool is not None:
-            self.pool.drain(self.settings.float("REQUIEM_SHUTDOWN_GRACE_S"))
+        self.pool.drain(self.settings.float("REQUIEM_SHUTDOWN_GRACE_S"))
         self.db.dispose()
+        if self._side_db is not None:
+            self._side_db.dispose()
         logger.info("service_stopped")
+
+    def status(self) -> dict[str, Any]:
+        """This process's load and switches, for ``requiem status``."""
+        return {
+            "version": __version__,
+            "draining": self.draining,
+            "flags": self.flags.values(),
+            "active_requests": self.active_requests,
+            "executions_running": self.limiter.running,
+            "executions_queued": self.limiter.waiting,
+            "execution_slots": self.limiter.slots,
+            "pool": self.pool.status(),
+        }
 
     def cas_totals(self) -> tuple[int, int]:
         """Number of objects in the CAS and their logical bytes (walks the tree)."""
@@ -171,7 +210,7 @@ class Service:
         if cached is not None:
             return cached
         try:
-            with self.sessions() as session:
+            with self._auth_sessions()() as session:
                 principal = credentials.authenticate(
                     session, self.secret_key, presented
                 )
@@ -180,6 +219,18 @@ class Service:
             raise
         self.keys.put(key_hash, principal)
         return principal
+
+    def _auth_sessions(self) -> sessionmaker[Session]:
+        """The pool's sessions, or unpooled ones while the pool is drained.
+
+        A drained pool hands out no connection, yet an admin must still be able to
+        authenticate to reset it; keys are then checked over a one-off connection.
+        """
+        if not self.pool.status()["draining"]:
+            return self.sessions
+        if self._side_db is None:
+            self._side_db = create_engine(self.db.url, poolclass=NullPool)
+        return session_factory(self._side_db)
 
     def audit_failed_auth(
         self, exc: RequiemError, request_id: str | None, source_ip: str | None
@@ -243,15 +294,18 @@ class Service:
         return {"root": str(self.cas.root), "free_bytes": self.cas.disk_free()}
 
     def _check_engine(self) -> dict[str, Any]:
-        if self.engine is None:
-            raise RuntimeError("execution engine not loaded")
-        return {"loaded": True}
+        caps = self.engine.capabilities()
+        return {
+            "faketime": caps.faketime_works,
+            "rlimits": caps.rlimits,
+            "work_dir": str(self.engine.work_dir),
+        }
 
     def _check_sandbox(self) -> dict[str, Any]:
-        configured = self.settings.get("REQUIEM_BWRAP")
-        found = str(configured) if configured else shutil.which("bwrap")
-        # Without bubblewrap executions still run, unsandboxed and reported so.
-        return {"bwrap": found, "available": bool(found), "required": False}
+        caps = self.engine.capabilities()
+        # Without bubblewrap executions still run, unsandboxed and reported so
+        # in each result's sandbox_applied; strict-mode requests are refused.
+        return {"bwrap": caps.bwrap_path, "works": caps.bwrap_works, "required": False}
 
     def _check_flags(self) -> dict[str, Any]:
         return {"values": self.flags.values()}

@@ -1,0 +1,165 @@
+"""``requiem serve``: uvicorn with the shutdown the runbook expects.
+
+On the first SIGTERM (or SIGINT) a process marks itself draining — readiness answers
+503 at once and new requests get 503 ``shutting_down`` — stops accepting
+connections, lets in-flight requests and executions finish for up to
+``REQUIEM_SHUTDOWN_GRACE_S``, then runs the app's shutdown (audit flush, pool
+drain) and exits 0. A second signal, or the end of the grace period, kills the
+children still running (the executions' processes) so the exit is not held up.
+
+With ``--workers N`` a small supervisor binds the socket once and runs N worker
+processes that share it; it forwards signals to them and exits once they have.
+uvicorn's own supervisor builds a plain ``uvicorn.Server`` in each worker, which
+would lose this shutdown behaviour, hence the few lines here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from requiem import log
+from requiem.api.service import SHUTDOWN
+
+logger = log.get("requiem.serve")
+
+APP = "requiem.api.app:app_from_environment"
+PROCESS_NAME = b"requiem"
+PR_SET_NAME = 15
+
+
+def name_process() -> None:
+    """Make ``ps`` and ``pkill requiem`` see this process as ``requiem``."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(PROCESS_NAME), 0, 0, 0)
+    except (OSError, AttributeError):
+        logger.warning("process_name_unchanged")
+
+
+def child_pids() -> list[int]:
+    """Direct children of this process, from every thread's /proc children list."""
+    pids: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            text = (task / "children").read_text()
+        except OSError:
+            continue
+        pids.update(int(pid) for pid in text.split())
+    return sorted(pids)
+
+
+def kill_children() -> None:
+    """SIGKILL every child and, where a child leads its own group, that group."""
+    for pid in child_pids():
+        try:
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        logger.warning("child_killed_at_shutdown", pid=pid)
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, draining on the first signal and forcing on the second."""
+
+    def __init__(self, config: uvicorn.Config, grace_s: float) -> None:
+        super().__init__(config)
+        self.grace_s = grace_s
+        self._deadline: threading.Timer | None = None
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        name_process()
+        # uvicorn re-raises the caught signal once it has shut down; with these
+        # handlers in place that re-raise is a no-op and the process exits 0.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+        super().run(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:
+            logger.warning("second_signal_forcing_exit", signal=sig)
+            self.force_exit = True
+            kill_children()
+            return
+        logger.info("draining", signal=sig, grace_s=self.grace_s)
+        SHUTDOWN.set()
+        self._deadline = threading.Timer(self.grace_s, self._grace_over)
+        self._deadline.daemon = True
+        self._deadline.start()
+        super().handle_exit(sig, frame)
+
+    def _grace_over(self) -> None:
+        logger.warning("grace_period_over", grace_s=self.grace_s)
+        kill_children()
+
+
+def _config(host: str, port: int, grace_s: float, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(
+        APP,
+        factory=True,
+        host=host,
+        port=port,
+        access_log=False,
+        log_level="warning" if log_level == "info" else log_level,
+        timeout_graceful_shutdown=grace_s,
+        lifespan="on",
+        server_header=False,
+    )
+
+
+def serve(host: str, port: int, workers: int, grace_s: float, log_level: str) -> int:
+    """Run the server until a signal ends it; the exit code to leave with."""
+    name_process()
+    config = _config(host, port, grace_s, log_level)
+    if workers <= 1:
+        server = GracefulServer(config, grace_s)
+        server.run()
+        return 0 if server.started else 3
+
+    sock = config.bind_socket()
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(
+            target=_worker,
+            args=(host, port, grace_s, log_level, sock),
+            name=f"requiem-worker-{n}",
+        )
+        for n in range(workers)
+    ]
+
+    def forward(sig: int, _frame: FrameType | None) -> None:
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for process in processes:
+        process.start()
+    logger.info("workers_started", workers=workers, host=host, port=port)
+    for process in processes:
+        process.join()
+    sock.close()
+    failed = [p.exitcode for p in processes if p.exitcode not in (0, None)]
+    return 0 if not failed else 1
+
+
+def _worker(
+    host: str, port: int, grace_s: float, log_level: str, sock: socket.socket
+) -> None:
+    from requiem import settings
+
+    log.configure(log_level, str(settings.load().get("REQUIEM_LOG_FORMAT")))
+    server = GracefulServer(_config(host, port, grace_s, log_level), grace_s)
+    server.run(sockets=[sock])
