@@ -121,6 +121,12 @@ TABLE: tuple[Setting, ...] = (
         "REQUIEM_MAX_BODY_BYTES", "2097152", "int", "Largest accepted request body."
     ),
     Setting(
+        "REQUIEM_COST_PER_SECOND",
+        "0.0001",
+        "float",
+        "Cost charged per second of execution (cache hits are free).",
+    ),
+    Setting(
         "REQUIEM_SOURCE_DATE_EPOCH",
         "315532800",
         "int",
@@ -129,6 +135,12 @@ TABLE: tuple[Setting, ...] = (
     Setting("REQUIEM_FAKETIME_LIB", None, "path", "libfaketime.so.1 (found if unset)."),
     Setting(
         "REQUIEM_BWRAP", None, "path", "bubblewrap binary (found on PATH if unset)."
+    ),
+    Setting(
+        "REQUIEM_WORK_DIR",
+        "/tmp/requiem-work",
+        "path",
+        "Scratch workspaces of runs (a fixed path, so runs see the same paths).",
     ),
     Setting(
         "REQUIEM_AUDIT_CHECKPOINT_EVERY",

@@ -1,0 +1,278 @@
+"""Spawn one process, stream its output into the CAS, enforce the timeout.
+
+stdout and stderr are each read by a thread straight into ``LocalCAS.put_stream``,
+so a stream of any size is hashed whole in constant memory; the first
+``preview_bytes`` are kept for the result's preview.
+
+When the run ends — by exiting or by timing out — every process it left behind is
+killed, so nothing outlives the run or keeps writing to its workspace. Descendants
+are found without cgroups, by reading ``/proc``: the child's process group and
+session, every process whose parent chain leads to it, and every process whose
+environment carries the run's marker (its unique ``HOME``), which catches a
+grandchild that called ``setsid`` and was re-parented to init. Under bubblewrap the
+PID namespace does the same job on its own; the scan is a second net.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from requiem import log
+from requiem.cas.store import LocalCAS
+
+READ_CHUNK = 1 << 16
+KILL_ROUNDS = 50
+DRAIN_WAIT_S = 0.5
+
+_log = log.get("requiem.engine.runner")
+
+
+@dataclass
+class Captured:
+    """One stream: digest and size of all of it, the first bytes as a preview."""
+
+    digest: str = ""
+    size: int = 0
+    preview: bytes = b""
+    truncated: bool = False
+
+
+@dataclass
+class Completed:
+    exit_code: int
+    termination_reason: str  # exited, timeout, spawn_failed
+    stdout: Captured
+    stderr: Captured
+    duration_ms: int
+    peak_memory_bytes: int | None = None
+    spawn_error: str | None = None
+    killed_leftovers: int = 0
+
+
+class _PreviewReader:
+    """A file-like reader that remembers the first ``cap`` bytes it hands out."""
+
+    def __init__(self, raw: BinaryIO, cap: int, captured: Captured) -> None:
+        self.raw = raw
+        self.cap = cap
+        self.captured = captured
+        self.parts: list[bytes] = []
+        self.kept = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.raw.read(READ_CHUNK if size < 0 else min(size, READ_CHUNK))
+        if chunk:
+            self.captured.size += len(chunk)
+            room = self.cap - self.kept
+            if room > 0:
+                self.parts.append(chunk[:room])
+                self.kept += min(room, len(chunk))
+        return chunk
+
+
+def _capture(cas: LocalCAS, raw: BinaryIO, cap: int, captured: Captured) -> None:
+    reader = _PreviewReader(raw, cap, captured)
+    try:
+        captured.digest = cas.put_stream(reader, durable=False)  # type: ignore[arg-type]
+    finally:
+        raw.close()
+    captured.preview = b"".join(reader.parts)
+    captured.truncated = captured.size > cap
+
+
+@dataclass
+class _Exit:
+    status: int = 0
+    peak_memory_bytes: int | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+def _reap(pid: int, exit_: _Exit) -> None:
+    _, status, usage = os.wait4(pid, 0)
+    exit_.status = status
+    exit_.peak_memory_bytes = usage.ru_maxrss * 1024
+    exit_.done.set()
+
+
+def run_process(
+    argv: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    timeout_ms: int,
+    cas: LocalCAS,
+    preview_bytes: int,
+    marker: str | None,
+) -> Completed:
+    """Run ``argv`` to completion or timeout; never raises for the child's sake."""
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            close_fds=True,
+            start_new_session=True,
+            umask=0o022,
+        )
+    except OSError as exc:
+        empty = cas.put_bytes(b"", durable=False)
+        return Completed(
+            exit_code=127,
+            termination_reason="spawn_failed",
+            stdout=Captured(digest=empty),
+            stderr=Captured(digest=empty),
+            duration_ms=int((time.monotonic() - start) * 1000),
+            spawn_error=spawn_reason(exc),
+        )
+
+    streams = (Captured(), Captured())
+    readers = [
+        threading.Thread(
+            target=_capture, args=(cas, pipe, preview_bytes, captured), daemon=True
+        )
+        for pipe, captured in zip((proc.stdout, proc.stderr), streams, strict=True)
+    ]
+    for reader in readers:
+        reader.start()
+    exit_ = _Exit()
+    threading.Thread(target=_reap, args=(proc.pid, exit_), daemon=True).start()
+
+    timed_out = not exit_.done.wait(timeout_ms / 1000)
+    killed = kill_tree(proc.pid, marker)
+    exit_.done.wait()
+    proc.returncode = os.waitstatus_to_exitcode(exit_.status)
+    killed += _drain(readers, proc.pid, marker)
+    duration_ms = int((time.monotonic() - start) * 1000)
+
+    if timed_out:
+        exit_code, reason = 124, "timeout"
+    elif proc.returncode < 0:
+        exit_code, reason = 128 - proc.returncode, "exited"
+    else:
+        exit_code, reason = proc.returncode, "exited"
+    return Completed(
+        exit_code=exit_code,
+        termination_reason=reason,
+        stdout=streams[0],
+        stderr=streams[1],
+        duration_ms=duration_ms,
+        peak_memory_bytes=exit_.peak_memory_bytes,
+        killed_leftovers=killed,
+    )
+
+
+def _drain(readers: list[threading.Thread], pid: int, marker: str | None) -> int:
+    """Wait for both streams to end, killing any holder of the pipes that appears."""
+    killed = 0
+    for _ in range(KILL_ROUNDS):
+        for reader in readers:
+            reader.join(DRAIN_WAIT_S)
+        if not any(reader.is_alive() for reader in readers):
+            return killed
+        killed += kill_tree(pid, marker)
+    _log.warning("engine.stream_not_closed", pid=pid)
+    return killed
+
+
+def _proc_stat(pid: int) -> tuple[int, int, int] | None:
+    """(parent pid, process group, session) of a live ``pid``; None if gone or dead.
+
+    Zombies count as gone: they hold no pipe and run no code, and in a container
+    whose init does not reap they would otherwise be "killed" forever.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stream:
+            text = stream.read()
+    except OSError:
+        return None
+    fields = text[text.rfind(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[1]), int(fields[2]), int(fields[3])
+
+
+def _carries_marker(pid: int, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as stream:
+            return marker in stream.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def descendants(root: int, marker: str | None) -> set[int]:
+    """Live processes that belong to the run started as ``root``."""
+    me = os.getpid()
+    table: dict[int, tuple[int, int, int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != me:
+            stat = _proc_stat(int(name))
+            if stat is not None:
+                table[int(name)] = stat
+
+    found = {
+        pid
+        for pid, (_, group, session) in table.items()
+        if group == root or session == root
+    }
+    if root in table:
+        found.add(root)
+    grew = True
+    while grew:
+        grew = False
+        for pid, (parent, _, _) in table.items():
+            if parent in found and pid not in found:
+                found.add(pid)
+                grew = True
+    if marker is not None:
+        marker_bytes = marker.encode()
+        for pid in table:
+            if pid not in found and _carries_marker(pid, marker_bytes):
+                found.add(pid)
+    return found
+
+
+def kill_tree(root: int, marker: str | None) -> int:
+    """SIGKILL every process of the run until none is left; how many were hit.
+
+    ``marker`` is an ``NAME=value`` environment entry unique to this run, or None
+    when the run has no such entry (under bubblewrap every run's HOME is the same).
+    """
+    hit: set[int] = set()
+    unkillable: set[int] = set()
+    for _ in range(KILL_ROUNDS):
+        victims = descendants(root, marker) - unkillable
+        if not victims:
+            break
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                unkillable.add(pid)
+                continue
+            hit.add(pid)
+        time.sleep(0.005)
+    hit.discard(root)
+    return len(hit)
+
+
+def spawn_reason(exc: OSError) -> str:
+    """A stable word for why exec failed (the same on every machine)."""
+    if exc.errno == errno.ENOENT:
+        return "not_found"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "not_executable"
+    return errno.errorcode.get(exc.errno or 0, "os_error").lower()

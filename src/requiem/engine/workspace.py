@@ -1,0 +1,203 @@
+"""Workspaces: snapshot a host directory into the CAS, rebuild it, collect outputs.
+
+A run never sees the caller's directory. Its inputs (relative path → digest) are
+materialised into a fresh scratch directory whose host path depends only on the
+request digest, so a program that prints its working directory prints the same
+thing for every caller. File modes and times are not part of a snapshot: every
+materialised file and directory gets mtime ``SOURCE_DATE_EPOCH``, and a file is
+executable (0755) exactly when its content starts with ``#!`` or is an ELF image,
+otherwise 0644 — a function of the bytes, so the digests stand for the files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from requiem.cas.store import CasObjectMissing, LocalCAS
+from requiem.engine.errors import InvalidRequest, MissingInput, PathEscape
+from requiem.engine.paths import clean_relpath, inside
+
+SKIPPED_NAMES = frozenset({".requiem", ".git", ".venv"})
+EXECUTABLE_MAGIC = (b"#!", b"\x7fELF")
+MAX_SNAPSHOT_FILES = 100_000
+
+
+def snapshot(
+    cas: LocalCAS, directory: str | Path, *, skip: frozenset[str] = SKIPPED_NAMES
+) -> dict[str, str]:
+    """Store every regular file under ``directory``; relative path → digest.
+
+    Directories named in ``skip`` are left out at any depth, as is the CAS itself
+    when it lives inside ``directory``. A symlink is followed when it stays inside
+    the directory and refused (PathEscape) when it leads outside.
+    """
+    root = Path(os.path.realpath(directory))
+    if not root.is_dir():
+        msg = f"workspace {directory} is not a directory"
+        raise InvalidRequest(msg, field="workspace_root")
+    cas_root = Path(os.path.realpath(cas.root))
+
+    found: dict[str, str] = {}
+    for current, dirnames, filenames in os.walk(root):
+        here = Path(current)
+        dirnames[:] = sorted(
+            name
+            for name in dirnames
+            if name not in skip
+            and here / name != cas_root
+            and not _skip_linked_dir(root, here / name)
+        )
+        for name in sorted(filenames):
+            path = here / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                target = inside(root, rel)
+                if not target.is_file():
+                    continue
+                path = target
+            elif not path.is_file():
+                continue
+            found[rel] = cas.put_file(path, durable=False)
+            if len(found) > MAX_SNAPSHOT_FILES:
+                msg = f"workspace has more than {MAX_SNAPSHOT_FILES} files"
+                raise InvalidRequest(msg, field="workspace_root")
+    cas.sync()
+    return found
+
+
+def _skip_linked_dir(root: Path, path: Path) -> bool:
+    """Symlinked directories are not descended (their target is walked anyway)."""
+    if not path.is_symlink():
+        return False
+    inside(root, path.relative_to(root).as_posix())
+    return True
+
+
+def executable(first_bytes: bytes) -> bool:
+    return first_bytes.startswith(EXECUTABLE_MAGIC)
+
+
+def materialise(
+    cas: LocalCAS, inputs: dict[str, str], workspace: Path, epoch: int
+) -> None:
+    """Write each input into ``workspace`` with fixed modes and times."""
+    missing = [digest for digest in inputs.values() if not cas.exists(digest)]
+    if missing:
+        path = next(p for p, d in inputs.items() if d == missing[0])
+        msg = f"input {path!r} names {missing[0]}, which is not in the CAS"
+        raise MissingInput(msg, path=path, digest=missing[0])
+
+    directories = {workspace}
+    for rel, digest in sorted(inputs.items()):
+        target = workspace / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        parent = target.parent
+        while parent != workspace:
+            directories.add(parent)
+            parent = parent.parent
+        try:
+            cas.get_to_file(digest, target)
+        except CasObjectMissing as exc:
+            msg = f"input {rel!r} names {digest}, which is not in the CAS"
+            raise MissingInput(msg, path=rel, digest=digest) from exc
+        with open(target, "rb") as stream:
+            mode = 0o755 if executable(stream.read(4)) else 0o644
+        os.chmod(target, mode)
+        os.utime(target, (epoch, epoch))
+    for directory in sorted(directories, key=lambda p: len(p.parts), reverse=True):
+        os.chmod(directory, 0o755)
+        os.utime(directory, (epoch, epoch))
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """One run's private directories on the host."""
+
+    root: Path
+    workspace: Path
+    tmp: Path
+    etc: Path
+
+
+@contextmanager
+def scratch(base: Path, key: str) -> Iterator[Scratch]:
+    """``base/key`` created empty, held under an exclusive lock, removed after.
+
+    Two runs of the same request share the path (that is what makes it
+    deterministic), so the lock makes the second wait for the first.
+    """
+    base.mkdir(parents=True, exist_ok=True)
+    lock_path = base / f"{key}.lock"
+    with open(lock_path, "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        root = base / key
+        shutil.rmtree(root, ignore_errors=True)
+        place = Scratch(root, root / "ws", root / "tmp", root / "etc")
+        for directory in (place.workspace, place.tmp, place.etc):
+            directory.mkdir(parents=True)
+        os.chmod(place.tmp, 0o700)
+        try:
+            yield place
+        finally:
+            _remove_tree(root)
+
+
+def _remove_tree(root: Path) -> None:
+    """Remove a scratch tree even where the child left read-only directories."""
+
+    def make_writable(_func: object, path: str, _exc: object) -> None:
+        parent = os.path.dirname(path)
+        os.chmod(parent, 0o700)
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.chmod(path, 0o700)
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+
+    shutil.rmtree(root, onerror=make_writable)
+
+
+@dataclass(frozen=True)
+class OutputProblem:
+    path: str
+    reason: str  # absent, not_a_file, path_escape
+
+
+def capture_outputs(
+    cas: LocalCAS, workspace: Path, outputs: list[str]
+) -> tuple[dict[str, str], list[OutputProblem]]:
+    """Store each declared output file; the missing ones come back as problems."""
+    digests: dict[str, str] = {}
+    problems: list[OutputProblem] = []
+    for rel in outputs:
+        try:
+            real = inside(workspace, rel)
+        except PathEscape:
+            problems.append(OutputProblem(rel, "path_escape"))
+            continue
+        if not os.path.lexists(workspace / rel):
+            problems.append(OutputProblem(rel, "absent"))
+        elif not real.is_file():
+            problems.append(OutputProblem(rel, "not_a_file"))
+        else:
+            digests[rel] = cas.put_file(real, durable=False)
+    return digests, problems
+
+
+def copy_outputs_back(
+    cas: LocalCAS, outputs: dict[str, str], directory: Path
+) -> list[Path]:
+    """Write each captured output into ``directory`` (the caller's workspace)."""
+    written = []
+    for rel, digest in sorted(outputs.items()):
+        target = inside(directory, clean_relpath(rel, "outputs"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        cas.get_to_file(digest, target)
+        written.append(target)
+    return written
