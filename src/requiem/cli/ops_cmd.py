@@ -15,6 +15,7 @@ error tree:
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import subprocess
@@ -402,12 +403,15 @@ def verify_drift(
 def cas_sample_check(size: int) -> Check:
     """``requiem cas verify --sample N`` run as the operator would run it."""
     argv = [sys.executable, "-m", "requiem", "cas", "verify", "--sample", str(size)]
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
-    last = said[-1] if said else ""
+    proc = subprocess.run(
+        [*argv, "--json"], capture_output=True, text=True, check=False
+    )
+    said = proc.stderr.strip().splitlines()
     if proc.returncode != 0:
+        last = said[-1] if said else ""
         return Check("cas verify", BLOCKER, f"exit {proc.returncode}: {last}")
-    return Check("cas verify", OK, f"{size} sampled objects verified")
+    checked = json.loads(proc.stdout).get("checked", size)
+    return Check("cas verify", OK, f"{checked} sampled objects verified")
 
 
 def verify_full(as_json: JsonFlag = False) -> None:
