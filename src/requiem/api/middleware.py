@@ -17,6 +17,7 @@ import secrets
 import time
 from typing import Any
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from requiem import log
@@ -77,7 +78,7 @@ class ServiceMiddleware:
         self.service.active_requests += 1
         token = current_request_id.set(request_id)
         try:
-            refusal = self._gate(scope, headers)
+            refusal = await self._gate(scope, headers)
             if refusal is not None:
                 await self._answer(scope, send_with_id, refusal, request_id)
             else:
@@ -102,7 +103,9 @@ class ServiceMiddleware:
             self.service.active_requests -= 1
             self._observe(scope, status["code"], started, request_id)
 
-    def _gate(self, scope: Scope, headers: dict[bytes, bytes]) -> RequiemError | None:
+    async def _gate(
+        self, scope: Scope, headers: dict[bytes, bytes]
+    ) -> RequiemError | None:
         """The refusal for this request before it reaches a route, if any."""
         path: str = scope["path"]
         length = headers.get(b"content-length")
@@ -124,7 +127,13 @@ class ServiceMiddleware:
                 "the server is shutting down; retry on another replica",
                 retry_after_s=1,
             )
-        if self.service.flags.cached().get("maintenance"):
+        flags = self.service.flags
+        current = (
+            flags.cached()
+            if flags.fresh
+            else await anyio.to_thread.run_sync(flags.values)
+        )
+        if current.get("maintenance"):
             return MaintenanceMode(
                 "the service is in maintenance; retry later",
                 retry_after_s=MAINTENANCE_RETRY_AFTER_S,
