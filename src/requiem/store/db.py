@@ -1,8 +1,8 @@
 """Database engines and sessions, chosen by ``DATABASE_URL``.
 
 SQLite (the embedded default) runs in WAL mode with a busy timeout so several
-processes can share one file; PostgreSQL gets a real pool sized from settings and is
-reached through psycopg 3.
+processes can share one file; PostgreSQL is reached through psycopg 3 with a statement
+timeout. Both get a pool sized from settings that counts its waiters (``db pool``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -98,25 +98,31 @@ def make_engine(settings: Settings, url: str | None = None) -> Engine:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             parsed,
-            poolclass=CountingQueuePool,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            **_pool_options(settings),
         )
         event.listen(engine, "connect", _sqlite_pragmas(SQLITE_BUSY_TIMEOUT_MS))
         return engine
     statement_ms = settings.int("REQUIEM_DB_STATEMENT_TIMEOUT_MS")
     return create_engine(
         parsed,
-        poolclass=CountingQueuePool,
-        pool_size=settings.int("REQUIEM_DB_POOL_SIZE"),
-        max_overflow=settings.int("REQUIEM_DB_MAX_OVERFLOW"),
-        pool_timeout=settings.float("REQUIEM_DB_POOL_TIMEOUT"),
         pool_pre_ping=True,
+        **_pool_options(settings),
         connect_args={
             "connect_timeout": CONNECT_TIMEOUT_S,
             "application_name": "requiem",
             "options": f"-c statement_timeout={statement_ms}",
         },
     )
+
+
+def _pool_options(settings: Settings) -> dict[str, object]:
+    return {
+        "poolclass": CountingQueuePool,
+        "pool_size": settings.int("REQUIEM_DB_POOL_SIZE"),
+        "max_overflow": settings.int("REQUIEM_DB_MAX_OVERFLOW"),
+        "pool_timeout": settings.float("REQUIEM_DB_POOL_TIMEOUT"),
+    }
 
 
 def migration_engine(engine: Engine, timeout_s: float | None = None) -> Engine:
@@ -175,15 +181,29 @@ def connection_error(exc: DBAPIError, url: URL) -> RequiemError:
     return DatabaseUnreachable(f"database unreachable at {where}: {reason}")
 
 
-def ping(engine: Engine) -> float:
-    """Seconds for one ``SELECT 1`` round trip on a fresh connection."""
+@contextmanager
+def connected(engine: Engine) -> Iterator[Connection]:
+    """``engine.connect()`` with a failure to connect as a one-line RequiemError."""
     try:
-        with engine.connect() as conn:
-            started = time.perf_counter()
-            conn.execute(text("SELECT 1")).scalar_one()
-            return time.perf_counter() - started
+        conn = engine.connect()
     except DBAPIError as exc:
         raise connection_error(exc, engine.url) from exc
+    with conn:
+        yield conn
+
+
+def ping(engine: Engine) -> dict[str, float]:
+    """Milliseconds to connect and for one ``SELECT 1`` round trip."""
+    started = time.perf_counter()
+    with connected(engine) as conn:
+        connect_ms = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        conn.execute(text("SELECT 1")).scalar_one()
+        round_trip_ms = (time.perf_counter() - started) * 1000
+    return {
+        "connect_ms": round(connect_ms, 3),
+        "round_trip_ms": round(round_trip_ms, 3),
+    }
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -70,6 +70,10 @@ class RevisionNotFailed(Conflict):
     code = "revision_not_failed"
 
 
+class SchemaNotCurrent(Conflict):
+    code = "schema_not_current"
+
+
 class DatabaseRevisionUnknown(Conflict):
     code = "database_revision_unknown"
 

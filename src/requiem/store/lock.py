@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, delete, insert, inspect, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from requiem import log
 from requiem.store.errors import MigrationLocked
@@ -52,6 +52,15 @@ class LockState:
     holder: dict[str, Any] | None  # the lock row: actor, host, pid, command, since
     holder_alive: bool | None  # None: on another host, cannot tell
     backend_pid: int | None  # PostgreSQL session holding the advisory lock
+
+    @property
+    def age_s(self) -> float | None:
+        """Seconds since the holder took the lock."""
+        if self.holder is None:
+            return None
+        since = self.holder["acquired_at"]
+        now = utcnow() if since.tzinfo else utcnow().replace(tzinfo=None)
+        return (now - since).total_seconds()
 
     @property
     def stale(self) -> bool:
@@ -166,19 +175,28 @@ class MigrationLock:
         return True
 
     def release(self) -> None:
+        """Give the lock back; a lost connection has already released it."""
         conn = self.conn
-        if conn.in_transaction():
-            conn.rollback()
-        with conn.begin():
-            conn.execute(
-                delete(lock_table).where(
-                    lock_table.c.pid == self.caller.pid,
-                    lock_table.c.host == self.caller.host,
+        try:
+            if conn.in_transaction():
+                conn.rollback()
+            with conn.begin():
+                conn.execute(
+                    delete(lock_table).where(
+                        lock_table.c.pid == self.caller.pid,
+                        lock_table.c.host == self.caller.host,
+                    )
                 )
+            if is_postgres(conn):
+                conn.execute(
+                    text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_KEY}
+                )
+                conn.commit()
+        except SQLAlchemyError as exc:
+            logger.warning(
+                "migration_lock_release_failed",
+                error=str(getattr(exc, "orig", None) or exc),
             )
-        if is_postgres(conn):
-            conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_KEY})
-            conn.commit()
 
 
 def force_release(conn: Connection) -> LockState:

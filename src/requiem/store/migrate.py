@@ -33,7 +33,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, delete, insert, inspect, select, text, update
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from requiem import digest, log
 from requiem.control import audit
@@ -185,7 +185,7 @@ class Migrator:
     def _locked(self, command_name: str) -> Iterator[Connection]:
         runner = db.migration_engine(self.engine, self.timeout_s)
         try:
-            with runner.connect() as conn:
+            with db.connected(runner) as conn:
                 migration_lock = lock.MigrationLock(conn, self.caller, command_name)
                 migration_lock.acquire(self.timeout_s or DEFAULT_LOCK_WAIT_S)
                 try:
@@ -193,10 +193,6 @@ class Migrator:
                     yield conn
                 finally:
                     migration_lock.release()
-        except DBAPIError as exc:
-            if exc.connection_invalidated or _is_connect_failure(exc):
-                raise db.connection_error(exc, self.engine.url) from exc
-            raise
         finally:
             runner.dispose()
 
@@ -210,9 +206,9 @@ class Migrator:
                 raise RollbackOutOfRange(msg)
             plan = list(chain()[_position(current) + 1 : _position(target) + 1])
             report = RunReport("migrate", current, target, plan)
+            _refuse_modified(conn)
             if not plan:
                 return report
-            _refuse_modified(conn)
             return self._run(conn, report, "upgrade")
 
     def rollback(self, steps: int | None = None, to: str | None = None) -> RunReport:
@@ -239,9 +235,9 @@ class Migrator:
             target = chain()[target_index] if target_index >= 0 else None
             plan = list(reversed(chain()[target_index + 1 : applied]))
             report = RunReport("rollback", current, target, plan)
+            _refuse_modified(conn)
             if not plan:
                 return report
-            _refuse_modified(conn)
             return self._run(conn, report, "downgrade")
 
     def _run(self, conn: Connection, report: RunReport, direction: str) -> RunReport:
@@ -393,7 +389,7 @@ class Migrator:
 
     def force_unlock(self, holder_alive_ok: bool = False) -> dict[str, Any]:
         """Release the migration lock whoever holds it (``db unlock --force``)."""
-        with self.engine.connect() as conn:
+        with db.connected(self.engine) as conn:
             state = lock.read(conn)
             if state.holder is None and state.backend_pid is None:
                 return {"released": False, "lock": None}
@@ -406,10 +402,10 @@ class Migrator:
             lock.force_release(conn)
             if inspect(conn).has_table(runs_table.name):
                 run_id = history.start_run(conn, self.caller, "unlock", None, None, [])
-                history.add_step(conn, run_id, {"released": _plain(state.holder)})
+                history.add_step(conn, run_id, {"released": plain(state.holder)})
                 history.finish_run(conn, run_id, "succeeded")
                 conn.commit()
-        details = {"holder": _plain(state.holder), "stale": state.stale}
+        details = {"holder": plain(state.holder), "stale": state.stale}
         self._audit_action("db.unlock", "migration_lock", "success", details)
         return {"released": True, "lock": details, "was": state.describe()}
 
@@ -430,14 +426,16 @@ class Migrator:
         """Per pending revision: tables it touches, their rows, a duration guess."""
         plan, _ = self.dry_run(target)
         rows: list[dict[str, Any]] = []
-        with self.engine.connect() as conn:
+        with db.connected(self.engine) as conn:
             existing = set(inspect(conn).get_table_names())
             previous = self._read(current_revision)
             for revision in plan:
                 sql = _offline_sql(self.engine, previous, revision)
                 previous = revision
-                created = sorted(set(_CREATES.findall(sql)))
-                touched = sorted(set(_TOUCHES.findall(sql)) - set(created))
+                created = sorted(set(_CREATES.findall(sql)) - history.TABLE_NAMES)
+                touched = sorted(
+                    set(_TOUCHES.findall(sql)) - set(created) - history.TABLE_NAMES
+                )
                 counts = {
                     name: _row_count(conn, name) if name in existing else 0
                     for name in touched
@@ -463,7 +461,7 @@ class Migrator:
 
     def status(self) -> dict[str, Any]:
         """Current and pending revisions, failed, modified, interrupted, the lock."""
-        with self.engine.connect() as conn:
+        with db.connected(self.engine) as conn:
             current = current_revision(conn)
             booked = inspect(conn).has_table(revisions_table.name)
             recorded = (
@@ -529,13 +527,13 @@ class Migrator:
         }
 
     def log(self, last: int) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        with db.connected(self.engine) as conn:
             if not inspect(conn).has_table(runs_table.name):
                 return []
             return history.runs(conn, last)
 
     def _read(self, fn):  # noqa: ANN001, ANN202
-        with self.engine.connect() as conn:
+        with db.connected(self.engine) as conn:
             return fn(conn)
 
     # -- around a run --------------------------------------------------------
@@ -580,7 +578,7 @@ class Migrator:
     ) -> None:
         """Record in the audit log; skipped, with a warning, before it exists."""
         try:
-            with self.engine.connect() as conn:
+            with db.connected(self.engine) as conn:
                 ready = inspect(conn).has_table("audit_pending")
             if not ready:
                 logger.warning("audit_log_absent", action=action)
@@ -745,7 +743,7 @@ def _row_count(conn: Connection, table: str) -> int:
     return int(conn.execute(text(f"SELECT count(*) FROM {quoted}")).scalar_one())
 
 
-def _plain(row: dict[str, Any] | None) -> dict[str, Any] | None:
+def plain(row: dict[str, Any] | None) -> dict[str, Any] | None:
     if row is None:
         return None
     return {
@@ -757,7 +755,3 @@ def _reason(exc: BaseException) -> str:
     source = getattr(exc, "orig", None) or exc
     first = str(source).strip().splitlines()
     return first[0] if first else type(source).__name__
-
-
-def _is_connect_failure(exc: DBAPIError) -> bool:
-    return "connect" in str(exc.orig).lower() or "unable to open" in str(exc.orig)
