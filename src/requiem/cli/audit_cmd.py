@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from requiem import settings
 from requiem.cli import output
 from requiem.cli.client import ApiClient
-from requiem.control import audit_chain, audit_query, audit_service, audit_verify
+from requiem.control import audit_query, audit_service, audit_verify
 from requiem.control.audit_keys import (
     AuditKeyUnavailable,
     AuditSigner,
@@ -149,11 +149,6 @@ def _trusted_key(public_key: Path | None) -> tuple[Any, str | None]:
         return None, None
 
 
-def _remember(sessions: sessionmaker[Session], **fields: Any) -> None:
-    with sessions() as session, session.begin():
-        audit_chain.save_run(session, "verify", **fields)
-
-
 @audit_app.command("verify")
 def verify(
     from_seq: Annotated[
@@ -225,32 +220,8 @@ def _verify_database(
             )
     if key is None:
         output.note("requiem: no audit public key: checkpoint signatures not checked")
-    try:
-        report = audit_verify.verify_database(
-            sessions, key, from_seq=from_seq, against=checkpoint
-        )
-    except audit_chain.AuditChainBroken as exc:
-        audit_service.VERIFY_FAILURES.inc()
-        _remember(
-            sessions,
-            ok=False,
-            count=0,
-            head_seq=0,
-            first_bad_seq=exc.seq,
-            damage=exc.damage,
-            message=exc.message[:512],
-        )
-        raise
+    report = audit_service.verify(sessions, key, from_seq=from_seq, against=checkpoint)
     report.key_source = key_source
-    _remember(
-        sessions,
-        ok=True,
-        count=report.checked,
-        head_seq=report.head_seq,
-        first_bad_seq=None,
-        damage=None,
-        message=None,
-    )
     return report
 
 

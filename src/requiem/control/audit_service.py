@@ -19,9 +19,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from requiem import log
-from requiem.control import audit_chain
+from requiem.control import audit_chain, audit_verify
 from requiem.control.audit_chain import LinkReport
-from requiem.control.audit_keys import AuditSigner
+from requiem.control.audit_keys import AuditSigner, Checkpoint
+from requiem.control.audit_verify import VerifyReport
 from requiem.settings import Settings
 from requiem.store.models import AuditRun
 
@@ -190,3 +191,48 @@ class AuditService:
                 logger.debug("audit_flushed", linked=report.linked)
             self.last_error = None
             backoff = self._interval_s
+
+
+def verify(
+    factory: sessionmaker[Session],
+    key: Any,
+    *,
+    from_seq: int = 1,
+    against: Checkpoint | None = None,
+) -> VerifyReport:
+    """Verify the stored chain and remember the result (``audit status`` shows it).
+
+    A failure counts in ``requiem_audit_verify_failures_total`` and is re-raised.
+    """
+    try:
+        report = audit_verify.verify_database(
+            factory, key, from_seq=from_seq, against=against
+        )
+    except audit_chain.AuditChainBroken as exc:
+        VERIFY_FAILURES.inc()
+        _remember_verification(
+            factory,
+            ok=False,
+            first_bad_seq=exc.seq,
+            damage=exc.damage,
+            message=exc.message[:512],
+        )
+        raise
+    _remember_verification(
+        factory, ok=True, count=report.checked, head_seq=report.head_seq
+    )
+    return report
+
+
+def _remember_verification(factory: sessionmaker[Session], **fields: Any) -> None:
+    values = {
+        "ok": True,
+        "count": 0,
+        "head_seq": 0,
+        "first_bad_seq": None,
+        "damage": None,
+        "message": None,
+        **fields,
+    }
+    with factory() as session, session.begin():
+        audit_chain.save_run(session, "verify", **values)
