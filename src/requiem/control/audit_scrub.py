@@ -34,8 +34,8 @@ _SECRET_WORDS = frozenset({"pwd", "pass", "auth"})
 _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 
 _SECRET_VALUES = (
-    # Our API keys.
-    re.compile(r"rqm_[A-Za-z0-9_\-]{6,}"),
+    # Our API keys (the 12-character display prefix is not secret and stays).
+    re.compile(r"rqm_[A-Za-z0-9_\-]{20,}"),
     # JSON Web Tokens: three base64url parts, the first two always start with eyJ.
     re.compile(r"eyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*"),
     # "Bearer <anything>", "Basic <anything>" as in an Authorization header.
