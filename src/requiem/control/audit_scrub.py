@@ -34,12 +34,13 @@ _SECRET_WORDS = frozenset({"pwd", "pass", "auth"})
 _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 
 _SECRET_VALUES = (
+    # "Bearer <token>" as in an Authorization header. (Basic credentials are caught
+    # by the header's name; as a value, "basic <word>" is too often plain English.)
+    re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=\-]{8,}"),
     # Our API keys (the 12-character display prefix is not secret and stays).
     re.compile(r"rqm_[A-Za-z0-9_\-]{20,}"),
     # JSON Web Tokens: three base64url parts, the first two always start with eyJ.
     re.compile(r"eyJ[A-Za-z0-9_\-]{4,}\.eyJ[A-Za-z0-9_\-]{4,}\.[A-Za-z0-9_\-]*"),
-    # "Bearer <anything>", "Basic <anything>" as in an Authorization header.
-    re.compile(r"(?i)\b(?:bearer|basic)\s+[A-Za-z0-9._~+/=\-]{8,}"),
 )
 # scheme://user:password@host — keep the user and host, drop the password.
 _URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)[^\s@/]+@")
