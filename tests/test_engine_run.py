@@ -353,3 +353,65 @@ def test_replay_of_a_random_reader_names_stdout_first(engine: Engine):
     name, expected, actual = report.differences[0]
     assert (name, expected) == ("stdout_digest", result.stdout_digest)
     assert actual == report.replayed.stdout_digest
+
+
+def test_replay_whose_input_left_the_cas_is_replay_failed(
+    engine: Engine, tmp_path: Path
+):
+    (tmp_path / "in.txt").write_text("gone soon\n")
+    result = engine.run(shell("cat in.txt", workspace_root=str(tmp_path)))
+    engine.cas.remove(result.request["inputs"]["in.txt"])
+
+    with pytest.raises(RequiemError) as caught:
+        engine.replay(result)
+
+    assert (caught.value.code, caught.value.exit_code) == ("replay_failed", 5)
+    assert "missing_input" in caught.value.message
+
+
+def test_an_old_copy_of_a_declared_output_is_not_an_input(
+    engine: Engine, tmp_path: Path
+):
+    request = shell("echo fresh > out.txt", workspace_root=str(tmp_path))
+    request = request.model_copy(update={"outputs": ["out.txt"]})
+    first = engine.run(request)
+    (tmp_path / "out.txt").write_text("stale copy from the last run\n")
+
+    second = engine.run(request)
+
+    assert second.cache_hit is True
+    assert second.request_digest == first.request_digest
+    assert second.request["inputs"] == {}
+
+
+def test_cwd_is_created_inside_the_workspace(engine: Engine, tmp_path: Path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.txt").write_text("m\n")
+
+    result = engine.run(
+        shell("pwd; cat mod.txt", cwd="pkg", workspace_root=str(tmp_path))
+    )
+
+    assert result.stdout == "/workspace/pkg\nm\n"
+
+
+def test_memory_limit_makes_large_allocations_fail(engine: Engine):
+    script = "python3 -c 'b = bytearray(400 * 2**20)' 2>&1 | tail -n 1"
+    request = shell(script, policy={"max_memory_bytes": 200 * 2**20})
+
+    result = engine.run(request)
+
+    assert result.stdout == "MemoryError\n"
+    assert result.sandbox_applied["rlimits"]["max_memory_bytes"] == 200 * 2**20
+
+
+def test_identical_requests_at_once_take_turns_and_agree(engine: Engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    request = shell("echo together > f; cat f", outputs=["f"], nonce="turns")
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: engine.run(request), range(3)))
+
+    assert {r.result_digest for r in results} == {results[0].result_digest}
+    assert sum(not r.cache_hit for r in results) == 1

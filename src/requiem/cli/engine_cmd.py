@@ -98,9 +98,10 @@ def _summary(result: ExecutionResult) -> dict[str, Any]:
     }
 
 
-def _print_summary_to_stderr(result: ExecutionResult) -> None:
-    for name, value in _summary(result).items():
-        output.note(f"{name:>15}: {value}")
+def _summary_lines(result: ExecutionResult) -> list[str]:
+    rows = _summary(result)
+    width = max(len(name) for name in rows)
+    return [f"{name:>{width}}: {value}" for name, value in rows.items()]
 
 
 def run(
@@ -159,7 +160,8 @@ def run(
         sys.stdout.buffer.flush()
         engine.cas.get_to_stream(result.stderr_digest, sys.stderr.buffer)
         sys.stderr.buffer.flush()
-        _print_summary_to_stderr(result)
+        for text in _summary_lines(result):
+            output.note(text)
     raise typer.Exit(_exit_code(result))
 
 
@@ -205,7 +207,8 @@ def exec_run(
     if as_json:
         output.print_json(document)
     else:
-        output.key_values(_summary(result))
+        for text in _summary_lines(result):
+            output.line(text)
     raise typer.Exit(_exit_code(result))
 
 
@@ -230,10 +233,4 @@ def exec_replay(
     if as_json:
         output.print_json(report.to_dict())
     else:
-        output.key_values(
-            {
-                "verdict": "identical",
-                "result digest": report.replayed.result_digest,
-                "request digest": report.replayed.request_digest,
-            }
-        )
+        output.line(f"identical: result {report.replayed.result_digest}")

@@ -34,6 +34,7 @@ from requiem.engine.policy import (
 from requiem.engine.replay import ReplayReport, compare
 from requiem.engine.runner import Captured, Completed, run_process
 from requiem.engine.workspace import (
+    OutputProblem,
     Scratch,
     capture_outputs,
     materialise,
@@ -96,6 +97,9 @@ class Engine:
     ) -> tuple[ExecutionRequest, EnvDecision]:
         """The request as digested: env filtered, workspace snapshotted.
 
+        The snapshot leaves out the declared outputs, and explicit ``inputs`` win
+        over snapshotted files of the same path.
+
         Raises EnvRequiredMissing before the workspace is read.
         """
         decision = filter_env(request)
@@ -103,6 +107,10 @@ class Engine:
         inputs = dict(request.inputs)
         if request.workspace_root is not None:
             snapped = snapshot(self.cas, request.workspace_root)
+            # Declared outputs are what the run makes; an old copy left in the
+            # workspace (say, by `requiem run` copying it back) is not an input.
+            for path in request.outputs:
+                snapped.pop(path, None)
             inputs = {**snapped, **inputs}
         normal = ExecutionRequest.model_validate(
             {
@@ -134,8 +142,9 @@ class Engine:
             )
         )
 
-        place_key = request_digest[:SCRATCH_KEY_CHARS]
-        with scratch(self.work_dir, place_key) as place:
+        # Held until the result is in the cache, so an identical request that
+        # waited for this one finds it there instead of running again.
+        with scratch(self.work_dir, request_digest[:SCRATCH_KEY_CHARS]) as place:
             if lookup and (hit := cache.lookup(self.cas, key)):
                 return hit.model_copy(update={"request_id": request.request_id})
             materialise(self.cas, normal.inputs, place.workspace, self.epoch)
@@ -144,7 +153,38 @@ class Engine:
             outputs, problems = capture_outputs(
                 self.cas, place.workspace, normal.outputs
             )
+            result = self._result(
+                normal, decision, launch, completed, trace, outputs, problems
+            )
+            result = result.model_copy(
+                update={"request_id": request.request_id, "request_blob": request_blob}
+            )
 
+            self.cas.sync()
+            blob = self.cas.put_bytes(dg.canonical_json(result.stored()))
+            if store and _cacheable(normal, result):
+                cache.store(self.cas, key, blob)
+        _log.info(
+            "engine.run",
+            request_digest=request_digest,
+            result_digest=result.result_digest,
+            exit_code=result.exit_code,
+            error_code=result.error_code,
+            duration_ms=result.duration_ms,
+        )
+        return result.model_copy(update={"result_blob": blob})
+
+    def _result(
+        self,
+        normal: ExecutionRequest,
+        decision: EnvDecision,
+        launch: Launch,
+        completed: Completed,
+        trace: list[dict[str, Any]],
+        outputs: dict[str, str],
+        problems: list[OutputProblem],
+    ) -> ExecutionResult:
+        """The finished trace, the digests and the result document."""
         for rel in normal.outputs:
             if rel in outputs:
                 size = self.cas.meta(outputs[rel]).size
@@ -176,14 +216,12 @@ class Engine:
             stderr_truncated=completed.stderr.truncated,
             stdout_size=completed.stdout.size,
             stderr_size=completed.stderr.size,
-            request_id=request.request_id,
-            request_digest=request_digest,
-            request_blob=request_blob,
+            request_digest=normal.digest(),
             stdout_digest=completed.stdout.digest,
             stderr_digest=completed.stderr.digest,
             output_digests=outputs,
             trace_digest=dg.of_record("trace", events),
-            result_digest="0" * 64,
+            result_digest="0" * 64,  # replaced below: it digests the fields above
             trace_events=events,
             policy_applied=_policy_applied(normal, decision, launch.env),
             sandbox_applied=applied,
@@ -191,23 +229,9 @@ class Engine:
             peak_memory_bytes=completed.peak_memory_bytes,
             request=normal.canonical(),
         )
-        result = result.model_copy(
+        return result.model_copy(
             update={"result_digest": dg.of_record("res", result.reproducible())}
         )
-
-        self.cas.sync()
-        blob = self.cas.put_bytes(dg.canonical_json(result.stored()))
-        if store and _cacheable(normal, result):
-            cache.store(self.cas, key, blob)
-        _log.info(
-            "engine.run",
-            request_digest=request_digest,
-            result_digest=result.result_digest,
-            exit_code=result.exit_code,
-            error_code=error_code,
-            duration_ms=result.duration_ms,
-        )
-        return result.model_copy(update={"result_blob": blob})
 
     def _gaps(self, request: ExecutionRequest, caps: sandbox.Capabilities) -> list[str]:
         """What the policy asks for that this machine cannot enforce."""
