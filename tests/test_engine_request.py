@@ -42,6 +42,12 @@ def parse_error(raw: str | bytes) -> RequiemError:
             400,
         ),
         ('{"command": "true", "policy": {"ro_paths": ["rel"]}}', "invalid_policy", 400),
+        ('{"command": "true", "policy": {"ro_paths": ["/"]}}', "invalid_policy", 400),
+        (
+            '{"command": "true", "policy": {"ro_paths": ["/proc/1"]}}',
+            "invalid_policy",
+            400,
+        ),
         ('{"command": "true", "cwd": "../up"}', "path_escape", 400),
         ('{"command": "true", "cwd": "/etc"}', "path_escape", 400),
         ('{"command": "true", "outputs": ["a/../../b"]}', "path_escape", 400),

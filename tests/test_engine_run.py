@@ -415,3 +415,15 @@ def test_identical_requests_at_once_take_turns_and_agree(engine: Engine):
 
     assert {r.result_digest for r in results} == {results[0].result_digest}
     assert sum(not r.cache_hit for r in results) == 1
+
+
+def test_a_work_directory_others_can_write_is_refused(home: Path, tmp_path: Path):
+    shared = tmp_path / "shared-work"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    engine = make_engine(REQUIEM_WORK_DIR=str(shared))
+
+    with pytest.raises(RequiemError) as caught:
+        engine.run(shell("true"))
+
+    assert (caught.value.code, caught.value.exit_code) == ("config_error", 2)

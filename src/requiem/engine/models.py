@@ -47,6 +47,8 @@ MAX_TIMEOUT_MS = 24 * 3600 * 1000
 REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 ENV_NAME = re.compile(r"[^=\x00]{1,256}")
 ENV_PATTERN = re.compile(r"[^=\x00]{1,256}")
+# Mount points the sandbox makes itself; a read-only host path may not cover them.
+SANDBOX_OWNED = ("/workspace", "/proc", "/dev", "/tmp", "/etc")
 
 
 def _no_nul(values: list[str], what: str) -> list[str]:
@@ -96,6 +98,9 @@ class Policy(BaseModel):
             normal = os.path.normpath(path)
             if normal == "/":
                 msg = "ro_paths may not expose the whole host filesystem ('/')"
+                raise ValueError(msg)
+            if any(normal == p or normal.startswith(p + "/") for p in SANDBOX_OWNED):
+                msg = f"ro_paths entry {normal!r} would hide the sandbox's own {normal}"
                 raise ValueError(msg)
             cleaned.append(normal)
         return sorted(set(cleaned))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 from requiem.cas.store import CasObjectMissing, LocalCAS
 from requiem.engine.errors import InvalidRequest, MissingInput, PathEscape
 from requiem.engine.paths import clean_relpath, inside
+from requiem.errors import ConfigError
 
 SKIPPED_NAMES = frozenset({".requiem", ".git", ".venv"})
 EXECUTABLE_MAGIC = (b"#!", b"\x7fELF")
@@ -132,7 +134,7 @@ def scratch(base: Path, key: str) -> Iterator[Scratch]:
     Two runs of the same request share the path (that is what makes it
     deterministic), so the lock makes the second wait for the first.
     """
-    base.mkdir(parents=True, exist_ok=True)
+    _own_private_dir(base)
     lock_path = base / f"{key}.lock"
     with open(lock_path, "a+b") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
@@ -146,6 +148,25 @@ def scratch(base: Path, key: str) -> Iterator[Scratch]:
             yield place
         finally:
             _remove_tree(root)
+
+
+def _own_private_dir(base: Path) -> None:
+    """Create ``base`` (0700) or check that it is ours and not writable by others.
+
+    The default lives under /tmp, where another user could create it first and
+    plant symlinks; a directory we do not own is refused rather than used.
+    """
+    try:
+        base.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    info = base.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        msg = f"work directory {base} is not a directory owned by this user"
+        raise ConfigError(msg, setting="REQUIEM_WORK_DIR")
+    if info.st_mode & 0o022:
+        msg = f"work directory {base} is writable by other users"
+        raise ConfigError(msg, setting="REQUIEM_WORK_DIR")
 
 
 def _remove_tree(root: Path) -> None:
