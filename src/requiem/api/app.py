@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -28,12 +28,14 @@ from requiem.api import (
     routes_executions,
     routes_health,
 )
+from requiem.api.bodies import BODY_COMPONENTS
 from requiem.api.middleware import ServiceMiddleware, retry_after
 from requiem.api.responses import (
     BadRequest,
     BodyTooLarge,
     ErrorBody,
     MethodNotAllowed,
+    UnknownParameter,
     error_response,
 )
 from requiem.api.service import Service
@@ -79,7 +81,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.service = service
 
     for router in ROUTERS:
-        app.include_router(router)
+        app.include_router(router, dependencies=[Depends(reject_unknown_query)])
 
     app.add_exception_handler(RequiemError, _requiem_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -93,6 +95,32 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.ServiceCollector(service.cas_totals, service.flags.cached)
     )
     return app
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """A query parameter the route does not declare is a mistake: 400, not ignored."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not request.query_params:
+        return
+    allowed = _declared_query(dependant)
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        shown = unknown[0][:64]
+        raise UnknownParameter(f"unknown query parameter {shown!r}", parameter=shown)
+
+
+def _declared_query(dependant: Any) -> frozenset[str]:
+    cached = _QUERY_NAMES.get(id(dependant))
+    if cached is None:
+        names = {field.alias for field in dependant.query_params}
+        for sub in dependant.dependencies:
+            names |= _declared_query(sub)
+        cached = _QUERY_NAMES[id(dependant)] = frozenset(names)
+    return cached
+
+
+_QUERY_NAMES: dict[int, frozenset[str]] = {}
 
 
 def app_from_environment() -> FastAPI:
@@ -172,6 +200,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         routes=app.routes,
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name, body in BODY_COMPONENTS.items():
+        components.setdefault(name, body)
     components.pop("HTTPValidationError", None)
     components.pop("ValidationError", None)
     ref = {"$ref": "#/components/schemas/ErrorBody"}

@@ -36,11 +36,23 @@ async def parse_body(request: Request, model: type[Model]) -> Model:
         raise BadRequest(f"{where}: {first['msg']}") from exc
 
 
+# Models used as hand-parsed bodies; the OpenAPI document lists them as components.
+BODY_COMPONENTS: dict[str, dict[str, Any]] = {}
+REF_TEMPLATE = "#/components/schemas/{model}"
+
+
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     """``openapi_extra`` declaring ``model`` as the JSON request body."""
+    schema = model.model_json_schema(ref_template=REF_TEMPLATE)
+    BODY_COMPONENTS.update(schema.pop("$defs", {}))
+    BODY_COMPONENTS[model.__name__] = schema
     return {
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": REF_TEMPLATE.format(model=model.__name__)}
+                }
+            },
         }
     }

@@ -24,6 +24,10 @@ class BadRequest(InvalidInput):
     code = "bad_request"
 
 
+class UnknownParameter(InvalidInput):
+    code = "unknown_parameter"
+
+
 class BodyTooLarge(TooLarge):
     code = "body_too_large"
 

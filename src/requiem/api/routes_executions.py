@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from requiem.api import metrics
 from requiem.api.auth import Operator, Viewer
+from requiem.api.bodies import body_schema
 from requiem.api.responses import errors
 from requiem.api.service import Service, get_service
 from requiem.control.credentials import Principal
@@ -111,14 +112,7 @@ def _count(result: ExecutionResult) -> None:
     response_model=ExecutionOut,
     summary="Run a request for the caller's tenant and return its result",
     responses=errors(401, 403, 404, 429),
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": ExecutionRequest.model_json_schema()}
-            },
-        }
-    },
+    openapi_extra=body_schema(ExecutionRequest),
 )
 async def create_execution(request: Request, principal: Operator) -> Any:
     """Synchronous within the request's timeout; 201 with the result's digests."""
