@@ -21,7 +21,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -88,18 +88,15 @@ def _capture(cas: LocalCAS, raw: BinaryIO, cap: int, captured: Captured) -> None
     captured.truncated = captured.size > cap
 
 
-@dataclass
-class _Exit:
-    status: int = 0
-    peak_memory_bytes: int | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+def _await_exit(pid: int, exited: threading.Event) -> None:
+    """Set ``exited`` when ``pid`` ends, leaving it a zombie (not reaped).
 
-
-def _reap(pid: int, exit_: _Exit) -> None:
-    _, status, usage = os.wait4(pid, 0)
-    exit_.status = status
-    exit_.peak_memory_bytes = usage.ru_maxrss * 1024
-    exit_.done.set()
+    While the zombie is there its PID cannot be given to another process, so the
+    leftover scan can match the run's process group and session by that number
+    without hitting a stranger.
+    """
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    exited.set()
 
 
 def run_process(
@@ -146,14 +143,16 @@ def run_process(
     ]
     for reader in readers:
         reader.start()
-    exit_ = _Exit()
-    threading.Thread(target=_reap, args=(proc.pid, exit_), daemon=True).start()
+    exited = threading.Event()
+    threading.Thread(target=_await_exit, args=(proc.pid, exited), daemon=True).start()
 
-    timed_out = not exit_.done.wait(timeout_ms / 1000)
+    timed_out = not exited.wait(timeout_ms / 1000)
     killed = kill_tree(proc.pid, marker)
-    exit_.done.wait()
-    proc.returncode = os.waitstatus_to_exitcode(exit_.status)
+    exited.wait()
+    killed += kill_tree(proc.pid, marker)
     killed += _drain(readers, proc.pid, marker)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     duration_ms = int((time.monotonic() - start) * 1000)
 
     if timed_out:
@@ -168,7 +167,7 @@ def run_process(
         stdout=streams[0],
         stderr=streams[1],
         duration_ms=duration_ms,
-        peak_memory_bytes=exit_.peak_memory_bytes,
+        peak_memory_bytes=usage.ru_maxrss * 1024,
         killed_leftovers=killed,
     )
 
