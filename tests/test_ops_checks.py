@@ -132,10 +132,15 @@ def test_health_reports_unhealthy_cas(cli, home: Path) -> None:
     not_a_dir = home / "cas-file"
     not_a_dir.write_text("x")
 
-    result = cli("health", env={"REQUIEM_CAS_DIR": str(not_a_dir)})
+    result = cli("health", "--json", env={"REQUIEM_CAS_DIR": str(not_a_dir)})
 
     assert result.code == 6
-    assert result.stderr.startswith("requiem: error[unhealthy]: unhealthy: cas: ")
+    assert result.stderr.startswith(
+        "requiem: error[unhealthy]: unhealthy: spawn: the engine cannot run true: "
+    )
+    error = json.loads(result.stdout)["error"]
+    assert error["code"] == "unhealthy"
+    assert error["details"]["blockers"] == ["spawn", "cas"]
 
 
 def test_health_dependencies_on_embedded_defaults(cli, home: Path) -> None:
@@ -183,3 +188,24 @@ def test_version_table_is_readable(cli, home: Path) -> None:
     assert result.code == 0
     rows = [line.replace("│", " ").split() for line in result.stdout.splitlines()]
     assert ["requiem", metadata.version("requiem")] in rows
+
+
+def test_health_dependencies_reaches_a_running_server(tmp_path: Path) -> None:
+    """With REQUIEM_URL set, the real server's /api/health is one of the checks."""
+    from live_server import cli as live_cli
+    from live_server import start
+
+    server = start(tmp_path)
+    try:
+        env = {**server.env, "REQUIEM_URL": server.url}
+        result = live_cli(env, "health", "dependencies", "--json")
+    finally:
+        assert server.stop() == 0, server.log()
+
+    assert result.returncode == 0, result.stderr
+    checks = _checks(json.loads(result.stdout))
+    assert checks["server"] == {
+        "name": "server",
+        "status": "ok",
+        "detail": f"{server.url}: ok",
+    }

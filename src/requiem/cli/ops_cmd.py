@@ -209,15 +209,25 @@ def check_database(config: settings.Settings, *, required: bool) -> Check:
     return Check("database", OK, f"{where}: reachable")
 
 
-def check_spawn() -> Check:
-    """Start a child and see it exit 0."""
+def check_spawn(config: settings.Settings) -> Check:
+    """The engine runs ``true`` (uncached) and its result says exit 0."""
+    from requiem.cas.store import LocalCAS
+    from requiem.engine import Engine, ExecutionRequest
+
+    request = ExecutionRequest.from_mapping({"command": "true", "timeout_ms": 10_000})
     try:
-        proc = subprocess.run(["/bin/sh", "-c", "exit 0"], timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return Check("spawn", BLOCKER, f"cannot start /bin/sh: {exc}")
-    if proc.returncode != 0:
-        return Check("spawn", BLOCKER, f"/bin/sh exited {proc.returncode}")
-    return Check("spawn", OK, "/bin/sh started and exited 0")
+        result = Engine(LocalCAS.from_settings(config), config).run(
+            request, use_cache=False
+        )
+    except RequiemError as exc:
+        return Check("spawn", BLOCKER, f"the engine cannot run true: {exc.message}")
+    except OSError as exc:
+        return Check("spawn", BLOCKER, f"the engine cannot run true: {exc}")
+    if not result.ok:
+        why = result.error_message or f"exit {result.exit_code}"
+        return Check("spawn", BLOCKER, f"the engine ran true: {why}")
+    where = "in bubblewrap" if result.sandbox_applied.get("bubblewrap") else "bare"
+    return Check("spawn", OK, f"the engine ran true {where} in {result.duration_ms} ms")
 
 
 def check_server(config: settings.Settings) -> Check:
@@ -324,7 +334,7 @@ def doctor(as_json: JsonFlag = False) -> None:
 
 
 def health_checks(config: settings.Settings) -> list[Check]:
-    return [check_spawn(), check_cas(config)]
+    return [check_spawn(config), check_cas(config)]
 
 
 def dependency_checks(config: settings.Settings) -> list[Check]:
