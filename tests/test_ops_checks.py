@@ -58,13 +58,6 @@ def test_doctor_passes_on_a_fresh_home(cli, home: Path) -> None:
     assert checks["libfaketime"]["status"] == "ok"
 
 
-def test_doctor_table_goes_to_stdout(cli, home: Path) -> None:
-    result = cli("doctor")
-
-    assert result.code == 0
-    assert "hash" in result.stdout and "writable and readable" in result.stdout
-
-
 def test_doctor_blocks_on_unwritable_cas(cli, home: Path) -> None:
     """A CAS root that is a plain file is a blocker: exit 2, doctor_blocked."""
     not_a_dir = home / "cas-file"

@@ -12,7 +12,7 @@ import pytest
 from requiem import settings
 from requiem.cas.store import LocalCAS
 from requiem.engine import Engine
-from requiem.engine.drift import CorpusEntry, check_entry, load_corpus
+from requiem.engine.drift import CorpusEntry, check, check_entry, load_corpus
 from requiem.errors import ConfigError
 
 SOURCES = {
@@ -112,11 +112,16 @@ def test_drift_without_libfaketime_json(cli, home: Path) -> None:
     assert outcome["differences"][0]["field"] == "stdout"
 
 
-def test_runs_below_one_is_a_usage_error(cli, home: Path) -> None:
-    result = cli("verify", "drift", "--runs", "0")
+def test_runs_below_one_is_refused(home: Path) -> None:
+    config = settings.load()
+    engine = Engine(LocalCAS.from_settings(config), config)
 
-    assert result.code == 2
-    assert "error[config_error]: --runs must be at least 1 (got 0)" in result.stderr
+    with pytest.raises(
+        ConfigError, match=r"--runs must be at least 1 \(got 0\)"
+    ) as exc:
+        check(engine, runs=0)
+
+    assert (exc.value.code, exc.value.exit_code) == ("config_error", 2)
 
 
 def test_replays_of_a_random_command_are_each_reported(home: Path) -> None:
