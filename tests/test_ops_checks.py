@@ -170,7 +170,11 @@ def test_version_names_product_python_libraries_and_tools(cli, home: Path) -> No
     assert found["requiem"] == metadata.version("requiem")
     assert found["libraries"]["blake3"] == metadata.version("blake3")
     assert found["libraries"]["sqlalchemy"] == metadata.version("sqlalchemy")
-    assert found["sandbox"]["bubblewrap"]["version"].startswith("bubblewrap ")
+    bwrap = subprocess.run(["bwrap", "--version"], capture_output=True, text=True)
+    assert bwrap.stdout.split() == [
+        "bubblewrap",
+        found["sandbox"]["bubblewrap"]["version"],
+    ]
     assert found["sandbox"]["libfaketime"]["path"].endswith("libfaketime.so.1")
 
 

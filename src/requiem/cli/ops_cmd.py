@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,7 @@ BLAKE3_VECTORS = {
 # RFC 8785: keys sorted by UTF-16 code units, numbers in their shortest form.
 CANONICAL_JSON_CASE = {"b": [1.0, 1e21], "a": "\u00e9", "\u20ac": None}
 CANONICAL_JSON_BYTES = '{"a":"é","b":[1,1e+21],"€":null}'.encode()
+VERSION_NUMBER = re.compile(r"\d+(?:\.\d+)+")
 CAS_PROBE = b"requiem doctor: CAS read/write probe\n"
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
@@ -274,13 +276,14 @@ def fail_if_blocked(checks: list[Check], error: type[RequiemError], what: str) -
 
 
 def tool_version(argv: list[str]) -> str | None:
-    """First line a tool prints for its version flag, or None if it cannot run."""
+    """The version number a tool prints for its version flag, or None."""
     try:
         proc = subprocess.run(argv, capture_output=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    text = (proc.stdout or proc.stderr).decode(errors="replace").strip()
-    return text.splitlines()[0] if text else None
+    text = (proc.stdout + proc.stderr).decode(errors="replace")
+    found = VERSION_NUMBER.search(text)
+    return found.group(0) if found else None
 
 
 def version_report(config: settings.Settings) -> dict[str, Any]:
@@ -360,7 +363,7 @@ def version(as_json: JsonFlag = False) -> None:
     pairs.update(found["libraries"])
     for tool, seen in found["sandbox"].items():
         pairs[tool] = (
-            f"{seen['version'] or 'version unknown'} ({seen['path']})"
+            f"{seen['version'] or 'version unknown'} at {seen['path']}"
             if seen["path"]
             else "not found"
         )
@@ -405,7 +408,8 @@ def verify_drift(
             ]
             for o in outcomes
         ]
-        title = f"requiem verify drift ({runs} runs each)"
+        each = "1 run" if runs == 1 else f"{runs} runs"
+        title = f"requiem verify drift ({each} of each request)"
         output.table(title, ["request", "status", "detail", "not enforced"], rows)
     drift.raise_if_drifted(outcomes)
 
