@@ -4,29 +4,35 @@ Raised before anything is spawned (bad request, missing input, no sandbox in str
 mode), or named by ``error_code`` in a result when the process ran but the outcome
 does not hold (``timeout``, ``missing_output``, ``spawn_failed``)::
 
-    InvalidInput        request_too_large is a TooLarge (413)
+    InvalidInput (400, exit 2)
     ├── InvalidRequest          invalid_request
     ├── InvalidRequestId        invalid_request_id
     ├── InvalidPolicy           invalid_policy
     ├── TooManyOutputs          too_many_outputs
     ├── PathEscape              path_escape
     └── EnvRequiredMissing      env_required_missing
-    NotFound
+    TooLarge (413, exit 2)
+    └── RequestTooLarge         request_too_large
+    NotFound (404, exit 3)
     └── MissingInput            missing_input
-    Unprocessable
-    ├── SpawnFailed             spawn_failed       (CLI exit 127)
-    ├── ExecutionTimeout        timeout            (CLI exit 124)
+    Conflict (409, exit 8)
+    └── OutputNotWritable       output_not_writable   copying outputs back
+    Unprocessable (422, exit 5)
+    ├── SpawnFailed             spawn_failed          exit 127
+    ├── ExecutionTimeout        timeout               504, exit 124
     ├── MissingOutput           missing_output
     ├── DriftDetected           drift_detected
-    ├── ReplayFailed            replay_failed
-    └── ResultVerifyFailed      result_verify_failed (an IntegrityFailure)
-    Unavailable
+    └── ReplayFailed            replay_failed
+    IntegrityFailure (500, exit 4)
+    └── ResultVerifyFailed      result_verify_failed
+    Unavailable (503, exit 6)
     └── SandboxUnavailable      sandbox_unavailable
 """
 
 from __future__ import annotations
 
 from requiem.errors import (
+    Conflict,
     IntegrityFailure,
     InvalidInput,
     NotFound,
@@ -82,6 +88,10 @@ class ExecutionTimeout(Unprocessable):
 
 class MissingOutput(Unprocessable):
     code = "missing_output"
+
+
+class OutputNotWritable(Conflict):
+    code = "output_not_writable"
 
 
 class DriftDetected(Unprocessable):

@@ -68,7 +68,8 @@ class Engine:
         self.cas = cas
         self.settings = settings
         self.epoch = settings.int("REQUIEM_SOURCE_DATE_EPOCH")
-        self.work_dir = Path(str(settings.get("REQUIEM_WORK_DIR")))
+        self.work_dir = Path(str(settings.get("REQUIEM_WORK_DIR"))).expanduser()
+        self.work_dir = self.work_dir.absolute()
 
     def capabilities(self) -> sandbox.Capabilities:
         return sandbox.probe(self.settings)

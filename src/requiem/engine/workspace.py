@@ -21,7 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from requiem.cas.store import CasObjectMissing, LocalCAS
-from requiem.engine.errors import InvalidRequest, MissingInput, PathEscape
+from requiem.engine.errors import (
+    InvalidRequest,
+    MissingInput,
+    OutputNotWritable,
+    PathEscape,
+)
 from requiem.engine.paths import clean_relpath, inside
 from requiem.errors import ConfigError
 
@@ -218,7 +223,11 @@ def copy_outputs_back(
     written = []
     for rel, digest in sorted(outputs.items()):
         target = inside(directory, clean_relpath(rel, "outputs"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        cas.get_to_file(digest, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            cas.get_to_file(digest, target)
+        except OSError as exc:
+            msg = f"cannot copy output {rel!r} back into {directory}: {exc.strerror}"
+            raise OutputNotWritable(msg, path=rel) from exc
         written.append(target)
     return written
