@@ -132,7 +132,7 @@ def _try(argv: list[str], env: dict[str, str]) -> tuple[bool, str]:
     except (OSError, subprocess.SubprocessError) as exc:
         return False, str(exc)
     text = (done.stdout or done.stderr).decode(errors="replace").strip()
-    return done.returncode == 0, text[:300]
+    return done.returncode == 0, text[:300] or f"exit {done.returncode}"
 
 
 def _probe(bwrap: str | None, faketime: str | None) -> Capabilities:
