@@ -355,7 +355,6 @@ class Engine:
                 if launch.applied["bubblewrap"]
                 else f"HOME={place.workspace}",
             )
-            problem = completed.spawn_error
         else:
             empty = self.cas.put_bytes(b"", durable=False)
             completed = Completed(
