@@ -7,10 +7,12 @@ the store.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -26,6 +28,8 @@ REASONS = (
     "orphan_temp_file",
 )
 EXPORT_FORMAT = "requiem.cas.export/1"
+WORKERS = 4
+WINDOW = 512
 
 
 @dataclass
@@ -75,6 +79,19 @@ def sample_digests(
     return sorted(reservoir), total
 
 
+def _problems(
+    cas: LocalCAS, digests: Iterable[str]
+) -> Iterator[tuple[str, str | None]]:
+    """``(digest, problem)`` in order; checks overlap on threads, a window at a time.
+
+    Reading and hashing release the GIL, so a few threads keep the disk and the
+    cores busy; the window bounds how many digests are held at once.
+    """
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        while window := list(itertools.islice(digests, WINDOW)):
+            yield from zip(window, pool.map(cas.problem, window), strict=True)
+
+
 def verify(
     cas: LocalCAS,
     *,
@@ -89,14 +106,13 @@ def verify(
     ``advance`` is called once per object checked (a progress bar's hook).
     """
     report = VerifyReport(mode="all" if sample is None else "sample")
-    digests: Iterator[str] | list[str]
     if sample is None:
         digests = cas.iter_digests()
     else:
-        digests, report.objects = sample_digests(cas, sample)
+        chosen, report.objects = sample_digests(cas, sample)
+        digests = iter(chosen)
 
-    for digest in digests:
-        reason = cas.problem(digest)
+    for digest, reason in _problems(cas, digests):
         if reason == "gone":
             continue
         report.checked += 1
