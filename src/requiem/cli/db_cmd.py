@@ -7,7 +7,7 @@ its connection pool.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -15,8 +15,11 @@ from requiem import settings
 from requiem.cli import output
 from requiem.cli.client import ApiClient
 from requiem.errors import UsageError
-from requiem.store import db, lock, migrate, profile
+from requiem.store import db, lock, profile
 from requiem.store.errors import SchemaNotCurrent
+
+if TYPE_CHECKING:
+    from requiem.store import migrate
 
 db_app = typer.Typer(
     name="db",
@@ -46,8 +49,11 @@ def register(app: typer.Typer) -> None:
 
 
 def _migrator(timeout_s: float | None = None) -> migrate.Migrator:
+    """The runner for the configured database (Alembic is imported only now)."""
+    from requiem.store.migrate import Migrator
+
     config = settings.load()
-    return migrate.Migrator(db.make_engine(config), config, timeout_s=timeout_s)
+    return Migrator(db.make_engine(config), config, timeout_s=timeout_s)
 
 
 def _steps_text(steps: list[dict[str, Any]]) -> str:
@@ -202,9 +208,8 @@ def migrate_(
     as_json: JsonFlag = False,
 ) -> None:
     """Apply pending revisions under the migration lock (REQUIEM_ENV picks rules)."""
-    config = settings.load()
-    profile.check(config)
-    migrator = migrate.Migrator(db.make_engine(config), config, timeout_s=timeout)
+    profile.check(settings.load())
+    migrator = _migrator(timeout)
     if dry_run:
         plan, sql = migrator.dry_run(to)
         if as_json:
@@ -234,10 +239,10 @@ def migrate_(
 
 
 def _print_estimate(rows: list[dict[str, Any]], as_json: bool) -> None:
+    from requiem.store.migrate import LARGE_TABLE_ROWS
+
     if as_json:
-        output.print_json(
-            {"revisions": rows, "large_table_rows": migrate.LARGE_TABLE_ROWS}
-        )
+        output.print_json({"revisions": rows, "large_table_rows": LARGE_TABLE_ROWS})
     elif not rows:
         output.note("nothing to apply: the database is at the target revision")
     else:
@@ -321,7 +326,7 @@ def locks(as_json: JsonFlag = False) -> None:
         state = lock.read(conn)
         postgres = lock.is_postgres(conn)
         blocked = lock.blocking_sessions(conn) if postgres else []
-    holder = migrate.plain(state.holder)
+    holder = lock.plain(state.holder)
     if as_json:
         output.print_json(
             {

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from alembic import command
 from sqlalchemy import Engine
 
 from requiem import settings
-from requiem.store import migrate
 
 
 def ensure_schema(engine: Engine) -> None:
@@ -16,6 +14,10 @@ def ensure_schema(engine: Engine) -> None:
     in-memory SQLite database lives in one connection only, so it is migrated on
     that connection, without the lock or the run log.
     """
+    from alembic import command  # Alembic loads only for commands that use the database
+
+    from requiem.store import migrate
+
     with engine.connect() as conn:
         if migrate.current_revision(conn) == migrate.head():
             return

@@ -72,7 +72,7 @@ def parse_url(raw: str) -> URL:
     """The SQLAlchemy URL of ``raw``; ConfigError when malformed or not supported."""
     try:
         parsed = make_url(normalise_url(raw))
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:
         msg = "DATABASE_URL is malformed (expected postgresql://… or sqlite:///…)"
         raise ConfigError(msg) from exc
     backend = parsed.get_backend_name()
@@ -82,12 +82,14 @@ def parse_url(raw: str) -> URL:
     return parsed
 
 
-def masked(raw: str) -> str:
-    """``raw`` with its password replaced by ``***`` (for people to read)."""
+def masked(raw: str | URL) -> str:
+    """The URL with its password replaced by ``***`` (for people to read)."""
     try:
-        return parse_url(raw).render_as_string(hide_password=True)
+        url = raw if isinstance(raw, URL) else parse_url(raw)
     except ConfigError:
         return "<malformed>"
+    shown = url.set(drivername=url.get_backend_name())
+    return shown.render_as_string(hide_password=True)
 
 
 def make_engine(settings: Settings, url: str | None = None) -> Engine:
@@ -173,7 +175,7 @@ def _sqlite_pragmas(busy_ms: int, autocommit: bool = False):  # noqa: ANN202
 def connection_error(exc: DBAPIError, url: URL) -> RequiemError:
     """The user-facing error for a failure to reach or log in to the database."""
     reason = " ".join(str(exc.orig).split()) or type(exc.orig).__name__
-    where = url.render_as_string(hide_password=True)
+    where = masked(url)
     if url.get_backend_name() != "sqlite" and any(
         marker in reason for marker in _AUTH_FAILURES
     ):

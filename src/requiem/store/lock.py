@@ -227,3 +227,12 @@ def blocking_sessions(conn: Connection) -> list[dict[str, Any]]:
         )
     ).mappings()
     return [dict(row) for row in rows]
+
+
+def plain(row: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``row`` with its times as ISO text, ready for JSON and the audit log."""
+    if row is None:
+        return None
+    return {
+        k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()
+    }

@@ -402,10 +402,10 @@ class Migrator:
             lock.force_release(conn)
             if inspect(conn).has_table(runs_table.name):
                 run_id = history.start_run(conn, self.caller, "unlock", None, None, [])
-                history.add_step(conn, run_id, {"released": plain(state.holder)})
+                history.add_step(conn, run_id, {"released": lock.plain(state.holder)})
                 history.finish_run(conn, run_id, "succeeded")
                 conn.commit()
-        details = {"holder": plain(state.holder), "stale": state.stale}
+        details = {"holder": lock.plain(state.holder), "stale": state.stale}
         self._audit_action("db.unlock", "migration_lock", "success", details)
         return {"released": True, "lock": details, "was": state.describe()}
 
@@ -741,14 +741,6 @@ def _offline_sql(engine: Engine, start: str | None, end: str) -> str:
 def _row_count(conn: Connection, table: str) -> int:
     quoted = conn.dialect.identifier_preparer.quote(table)
     return int(conn.execute(text(f"SELECT count(*) FROM {quoted}")).scalar_one())
-
-
-def plain(row: dict[str, Any] | None) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    return {
-        k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()
-    }
 
 
 def _reason(exc: BaseException) -> str:
