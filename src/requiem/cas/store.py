@@ -51,7 +51,8 @@ from requiem.cas.pins import Pin
 from requiem.errors import IntegrityFailure, InvalidInput, NotFound
 
 CHUNK = 1 << 20
-SAMPLE = 1 << 20  # auto mode decides on the first MiB of a stream
+SAMPLE = 1 << 20  # objects up to this size are handled whole, in memory
+TRIAL = 128 << 10  # auto mode decides on a trial compression of this much
 MIN_COMPRESS = 512  # below this the zstd frame overhead is not worth it
 GAIN_NEEDED = 0.9  # keep zstd only when it stores at most 90% of the original
 PARALLEL_HASH_FROM = 4 << 20  # blobs this large are hashed on every core
@@ -264,15 +265,18 @@ class LocalCAS:
         """The encoding and stored bytes for an object held in memory."""
         if self.compression == "none" or len(data) < MIN_COMPRESS:
             return "identity", data
+        if len(data) > TRIAL and self._stream_encoding(data) == "identity":
+            return "identity", data
         packed = self._compressor().compress(data)
         if self.compression == "zstd" or len(packed) <= len(data) * GAIN_NEEDED:
             return "zstd", packed
         return "identity", data
 
-    def _stream_encoding(self, sample: bytes) -> str:
-        """zstd when configured to, or when the first MiB shrinks enough to pay."""
+    def _stream_encoding(self, start: bytes) -> str:
+        """zstd when configured to, or when a trial on the start shrinks enough."""
         if self.compression != "auto":
             return "zstd" if self.compression == "zstd" else "identity"
+        sample = start[:TRIAL]
         trial = zstandard.ZstdCompressor(level=1).compress(sample)
         return "zstd" if len(trial) <= len(sample) * GAIN_NEEDED else "identity"
 
@@ -547,10 +551,10 @@ class LocalCAS:
             with open(tmp_name, "xb") as out:
                 for chunk in self._decoded_chunks(digest, meta):
                     out.write(chunk)
-            os.replace(tmp_name, target)
-        finally:
-            if os.path.exists(tmp_name):
-                os.unlink(tmp_name)
+        except BaseException:
+            os.unlink(tmp_name)
+            raise
+        os.replace(tmp_name, target)
         return meta
 
     def get_to_stream(self, digest: str, out: BinaryIO) -> ObjectMeta:
