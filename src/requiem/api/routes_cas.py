@@ -17,6 +17,7 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel
+from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
 from requiem import digest as dg
@@ -28,7 +29,6 @@ from requiem.cas.store import CasObjectMissing, InvalidDigest, ObjectMeta
 from requiem.control import audit
 from requiem.control.credentials import Principal
 from requiem.control.executions import own, owns
-from requiem.store.db import transaction
 
 router = APIRouter(prefix="/api/v1/cas", tags=["cas"])
 
@@ -70,7 +70,8 @@ async def put_object(request: Request, principal: Operator) -> Any:
     def store() -> str:
         digest = service.cas.put_bytes(body)
         service.cas.pin(digest, f"tenant:{principal.tenant_id}")
-        with transaction(service.sessions) as session:
+
+        def write(session: Session) -> None:
             own(session, principal.tenant_id, [digest])
             audit.record(
                 session,
@@ -82,6 +83,8 @@ async def put_object(request: Request, principal: Operator) -> Any:
                 request_id=request_id,
                 details={"size": len(body)},
             )
+
+        service.executions.writer.write(write)
         return digest
 
     digest = await anyio.to_thread.run_sync(store)

@@ -167,6 +167,7 @@ class Service:
 
     def stop(self) -> None:
         """Flush what is buffered, drain the pool, release the database."""
+        self.executions.writer.close()
         if self.audit_service is not None:
             self.audit_service.stop()
         self.pool.drain(self.settings.float("REQUIEM_SHUTDOWN_GRACE_S"))

@@ -31,11 +31,11 @@ from requiem import digest as dg
 from requiem.cas.store import LocalCAS
 from requiem.control import audit
 from requiem.control.credentials import Principal
+from requiem.control.group_commit import GroupCommitter
 from requiem.control.tenants import TenantNotFound, TenantSuspended
 from requiem.engine import ExecutionRequest, ExecutionResult, ReplayReport
 from requiem.engine.errors import MissingInput
 from requiem.errors import Forbidden, InvalidInput, NotFound, TooManyRequests
-from requiem.store.db import transaction
 from requiem.store.models import (
     Budget,
     CasOwnership,
@@ -106,8 +106,10 @@ class ExecutionService:
         cas: LocalCAS,
         engine: RunsRequests,
         cost_per_second: Decimal,
+        writer: GroupCommitter | None = None,
     ) -> None:
         self.sessions = sessions
+        self.writer = writer or GroupCommitter(sessions)
         self.cas = cas
         self.engine = engine
         self.cost_per_second = cost_per_second
@@ -233,7 +235,7 @@ class ExecutionService:
         for digest in produced:
             self.cas.pin(digest, f"tenant:{principal.tenant_id}")
 
-        with transaction(self.sessions) as session:
+        def write(session: Session) -> Execution:
             row = Execution(
                 id=new_id("ex"),
                 tenant_id=principal.tenant_id,
@@ -280,6 +282,9 @@ class ExecutionService:
                 request_id=request_id,
                 details=details,
             )
+            return row
+
+        row = self.writer.write(write)
         return execution_document(row, result.model_dump(mode="json"))
 
     # -- reading -----------------------------------------------------------------
