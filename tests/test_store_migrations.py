@@ -11,7 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, select, text, update
 
 from requiem import settings
-from requiem.store import db, migrate
+from requiem.store import db, migrate, revisions
 from requiem.store.bootstrap import ensure_schema
 from requiem.store.errors import (
     ChecksumMismatch,
@@ -66,12 +66,12 @@ def test_migrated_schema_equals_the_models(engine: Engine) -> None:
 
     assert _differences(engine) == []
     with engine.connect() as conn:
-        assert migrate.current_revision(conn) == migrate.head()
+        assert revisions.current_revision(conn) == revisions.head()
 
 
 def test_chain_is_numbered_in_order() -> None:
     """Revision ids read as the runbook writes them: 001, 002, …"""
-    chain = migrate.chain()
+    chain = revisions.chain()
 
     assert chain[:4] == ("001", "002", "003", "004")
     assert list(chain) == sorted(chain)
@@ -81,7 +81,7 @@ def test_every_revision_goes_down_and_up_again_to_the_same_schema(
     engine: Engine, migrator: migrate.Migrator
 ) -> None:
     """For each revision: up, down one step, up again gives the identical schema."""
-    for revision in migrate.chain():
+    for revision in revisions.chain():
         migrator.upgrade(revision)
         before = _schema(engine)
 
@@ -89,7 +89,7 @@ def test_every_revision_goes_down_and_up_again_to_the_same_schema(
         migrator.upgrade(revision)
 
         assert _schema(engine) == before, revision
-    migrator.rollback(steps=len(migrate.chain()))
+    migrator.rollback(steps=len(revisions.chain()))
     assert set(_schema(engine)) <= {"alembic_version", *BOOKKEEPING.tables}
 
 
@@ -103,9 +103,9 @@ def test_ensure_schema_twice_records_one_run(
     runs = migrator.log(10)
     assert len(runs) == 1
     assert runs[0]["result"] == "succeeded"
-    assert runs[0]["plan"] == list(migrate.chain())
+    assert runs[0]["plan"] == list(revisions.chain())
     assert [s["checksum"] for s in runs[0]["steps"]] == [
-        migrate.checksum(r) for r in migrate.chain()
+        revisions.checksum(r) for r in revisions.chain()
     ]
     assert runs[0]["pid"] > 0 and runs[0]["host"]
 
@@ -117,11 +117,11 @@ def test_rollback_to_and_steps(engine: Engine, migrator: migrate.Migrator) -> No
     to_002 = migrator.rollback(to="002")
     one_step = migrator.rollback(steps=1)
 
-    assert to_002.plan == list(reversed(migrate.chain()[2:]))
+    assert to_002.plan == list(reversed(revisions.chain()[2:]))
     assert to_002.to_revision == "002"
     assert one_step.plan == ["002"]
     assert one_step.to_revision == "001"
-    assert migrator.status()["pending"] == list(migrate.chain()[1:])
+    assert migrator.status()["pending"] == list(revisions.chain()[1:])
     assert not inspect(engine).has_table("executions")
     assert inspect(engine).has_table("tenants")
 
@@ -180,7 +180,7 @@ def test_rerun_after_the_manual_fix_applies_the_failed_revision(
 
     report = migrator.upgrade()
 
-    assert report.plan == list(migrate.chain()[2:])
+    assert report.plan == list(revisions.chain()[2:])
     assert migrator.status()["failed"] == []
     assert _differences(engine) == []
 
@@ -199,7 +199,7 @@ def test_resolve_a_failed_revision(migrator: migrate.Migrator, engine: Engine) -
 
     assert outcome["action"] == "cleared failure"
     assert migrator.status()["failed"] == []
-    assert migrator.status()["pending"] == list(migrate.chain()[2:])
+    assert migrator.status()["pending"] == list(revisions.chain()[2:])
     assert again.value.code == "revision_not_failed"
     assert migrator.log(1)[0]["command"] == "resolve"
 
@@ -244,7 +244,7 @@ def test_changed_revision_file_is_reported_and_refused_until_resolved(
     assert refused.value.code == "migration_checksum_mismatch"
     assert refused.value.exit_code == 8
     assert outcome["action"] == "accepted new checksum"
-    assert report.plan == list(migrate.chain()[3:])
+    assert report.plan == list(revisions.chain()[3:])
     with engine.connect() as conn:
         resolved_by = conn.execute(
             select(revisions_table.c.resolved_by).where(
@@ -260,7 +260,7 @@ def test_dry_run_prints_sql_and_changes_nothing(
     """Offline SQL for the pending revisions; the database stays empty."""
     plan, sql = migrator.dry_run()
 
-    assert plan == list(migrate.chain())
+    assert plan == list(revisions.chain())
     assert "CREATE TABLE tenants" in sql
     assert "CREATE INDEX ix_cas_ownership_digest" in sql
     assert inspect(engine).get_table_names() == []
@@ -312,7 +312,7 @@ def test_migrate_and_rollback_are_audited(
     migrations = [e for e in entries if e["action"] == "db.migrate"]
     assert len(migrations) == 1
     assert migrations[0]["outcome"] == "success"
-    assert json.loads(migrations[0]["details_json"])["plan"] == list(migrate.chain())
+    assert json.loads(migrations[0]["details_json"])["plan"] == list(revisions.chain())
 
 
 def test_sqlite_backup_before_changing_a_database(home: Path) -> None:
@@ -328,7 +328,7 @@ def test_sqlite_backup_before_changing_a_database(home: Path) -> None:
     assert backup.parent == home / "backups"
     copy = db.make_engine(config, f"sqlite:///{backup}")
     with copy.connect() as conn:
-        assert migrate.current_revision(conn) == "002"
+        assert revisions.current_revision(conn) == "002"
     copy.dispose()
     engine.dispose()
 
@@ -344,6 +344,6 @@ def test_run_rows_hold_who_where_and_how_long(
 
     assert row["command"] == "migrate"
     assert row["from_revision"] is None
-    assert row["to_revision"] == migrate.head()
+    assert row["to_revision"] == revisions.head()
     assert row["duration_ms"] >= 0
     assert row["actor"]

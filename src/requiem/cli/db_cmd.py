@@ -239,7 +239,7 @@ def migrate_(
 
 
 def _print_estimate(rows: list[dict[str, Any]], as_json: bool) -> None:
-    from requiem.store.migrate import LARGE_TABLE_ROWS
+    from requiem.store.plan import LARGE_TABLE_ROWS
 
     if as_json:
         output.print_json({"revisions": rows, "large_table_rows": LARGE_TABLE_ROWS})

@@ -16,17 +16,17 @@ def ensure_schema(engine: Engine) -> None:
     """
     from alembic import command  # Alembic loads only for commands that use the database
 
-    from requiem.store import migrate
+    from requiem.store import migrate, revisions
 
     with engine.connect() as conn:
-        if migrate.current_revision(conn) == migrate.head():
+        if revisions.current_revision(conn) == revisions.head():
             return
         if engine.url.get_backend_name() == "sqlite" and engine.url.database in (
             None,
             "",
             ":memory:",
         ):
-            command.upgrade(migrate.alembic_config(connection=conn), "head")
+            command.upgrade(revisions.alembic_config(connection=conn), "head")
             conn.commit()
             return
     migrate.Migrator(engine, settings.load(), source="service").upgrade()

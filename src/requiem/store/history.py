@@ -29,15 +29,19 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    delete,
     insert,
     select,
     update,
 )
 
+from requiem import log
 from requiem.store.models import utcnow
+from requiem.store.revisions import checksum
 
 BOOKKEEPING = MetaData()
 TZ = DateTime(timezone=True)
+logger = log.get("requiem.store.history")
 
 lock_table = Table(
     "requiem_migration_lock",
@@ -177,3 +181,54 @@ def runs(conn: Connection, last: int) -> list[dict[str, Any]]:
         {**row, "plan": json.loads(row["plan"]), "steps": json.loads(row["steps"])}
         for row in rows
     ]
+
+
+def close_interrupted_runs(conn: Connection) -> None:
+    """Under the lock, any run still ``running`` died: mark it and its revision."""
+    stale = [
+        dict(r)
+        for r in conn.execute(
+            select(runs_table).where(runs_table.c.result == "running")
+        ).mappings()
+    ]
+    for run in stale:
+        info = interrupted(run)
+        error = f"interrupted: process {run['pid']} on {run['host']} died"
+        revision = info["in_progress"]
+        if revision is not None and run["command"] == "migrate":
+            conn.execute(
+                delete(revisions_table).where(revisions_table.c.revision == revision)
+            )
+            conn.execute(
+                insert(revisions_table).values(
+                    revision=revision,
+                    status="failed",
+                    checksum=checksum(revision),
+                    run_id=run["id"],
+                    error=error,
+                )
+            )
+        conn.execute(
+            update(runs_table)
+            .where(runs_table.c.id == run["id"])
+            .values(result="interrupted", error=error)
+        )
+        logger.warning("migration_run_interrupted", run=run["id"], revision=revision)
+    conn.commit()
+
+
+def interrupted(run: dict[str, Any]) -> dict[str, Any]:
+    """A run row that never finished, with what it completed and was doing."""
+    plan = json.loads(run["plan"])
+    steps = json.loads(run["steps"])
+    in_progress = plan[len(steps)] if len(steps) < len(plan) else None
+    return {
+        "run_id": run["id"],
+        "command": run["command"],
+        "actor": run["actor"],
+        "host": run["host"],
+        "pid": run["pid"],
+        "started_at": run["started_at"],
+        "completed": [s["revision"] for s in steps],
+        "in_progress": in_progress,
+    }

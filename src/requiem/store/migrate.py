@@ -14,11 +14,7 @@ rolls back the one in progress.
 
 from __future__ import annotations
 
-import functools
-import io
-import json
 import os
-import re
 import sqlite3
 import sys
 import time
@@ -29,106 +25,40 @@ from pathlib import Path
 from typing import Any
 
 from alembic import command
-from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, delete, insert, inspect, select, text, update
+from sqlalchemy import Connection, Engine, delete, insert, inspect, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from requiem import digest, log
+from requiem import log
 from requiem.control import audit
 from requiem.settings import Settings
-from requiem.store import db, history, lock
+from requiem.store import db, history, lock, plan
 from requiem.store.errors import (
     ChecksumMismatch,
-    DatabaseRevisionUnknown,
     LockHolderAlive,
     MigrationFailed,
     RevisionNotFailed,
     RollbackOutOfRange,
-    UnknownRevision,
 )
 from requiem.store.history import Caller, revisions_table, runs_table
 from requiem.store.models import utcnow
+from requiem.store.revisions import (
+    alembic_config,
+    chain,
+    checksum,
+    current_revision,
+    describe,
+    head,
+    known,
+    position,
+)
 
-MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 DEFAULT_LOCK_WAIT_S = 120.0
-# --estimate: a revision that rewrites or indexes a table this large is flagged,
-# since it holds that table's lock for the whole statement.
-LARGE_TABLE_ROWS = 1_000_000
-# --estimate's cost model: a fixed cost per statement plus a scan of every row of
-# each existing table the revision alters, indexes or writes.
-SECONDS_PER_STATEMENT = 0.05
-ROWS_PER_SECOND = 250_000
 # Test hook: sleep inside this revision's transaction, so a test can kill -9 the
 # process half-way through a run.
 PAUSE_ENV = "REQUIEM_TEST_MIGRATION_PAUSE"
 
 logger = log.get("requiem.store.migrate")
-
-_TOUCHES = re.compile(
-    r"^\s*(?:ALTER TABLE|DROP TABLE|UPDATE|INSERT INTO|DELETE FROM"
-    r"|CREATE (?:UNIQUE )?INDEX \S+ ON|DROP INDEX \S+ ON)\s+\"?(\w+)",
-    re.IGNORECASE | re.MULTILINE,
-)
-_CREATES = re.compile(r"^\s*CREATE TABLE\s+\"?(\w+)", re.IGNORECASE | re.MULTILINE)
-_STATEMENT_END = re.compile(r";\s*$", re.MULTILINE)
-
-
-@functools.cache
-def script() -> ScriptDirectory:
-    return ScriptDirectory.from_config(alembic_config())
-
-
-def alembic_config(**attributes: Any) -> Config:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes.update(attributes)
-    return config
-
-
-@functools.cache
-def chain() -> tuple[str, ...]:
-    """Every revision id, oldest first."""
-    return tuple(reversed([rev.revision for rev in script().walk_revisions()]))
-
-
-def head() -> str:
-    return chain()[-1]
-
-
-def describe(revision: str) -> str:
-    doc = script().get_revision(revision).doc or ""
-    return doc.strip().splitlines()[0] if doc.strip() else revision
-
-
-def checksum(revision: str) -> str:
-    """BLAKE3 of the revision's file, as it is now."""
-    return digest.of_file(script().get_revision(revision).path)
-
-
-def known(revision: str) -> str:
-    if revision not in chain():
-        msg = f"unknown revision {revision!r} (known: {', '.join(chain())})"
-        raise UnknownRevision(msg, revision=revision)
-    return revision
-
-
-def current_revision(conn: Connection) -> str | None:
-    """The revision the database is at; None for an empty database."""
-    revision = MigrationContext.configure(conn).get_current_revision()
-    if revision is not None and revision not in chain():
-        msg = (
-            f"the database is at revision {revision!r}, which this version of"
-            " Requiem does not know (newer code migrated it?)"
-        )
-        raise DatabaseRevisionUnknown(msg, revision=revision)
-    return revision
-
-
-def _position(revision: str | None) -> int:
-    """Index in the chain; -1 for an empty database."""
-    return -1 if revision is None else chain().index(revision)
 
 
 @dataclass
@@ -189,7 +119,7 @@ class Migrator:
                 migration_lock = lock.MigrationLock(conn, self.caller, command_name)
                 migration_lock.acquire(self.timeout_s or DEFAULT_LOCK_WAIT_S)
                 try:
-                    _close_interrupted_runs(conn)
+                    history.close_interrupted_runs(conn)
                     yield conn
                 finally:
                     migration_lock.release()
@@ -201,10 +131,10 @@ class Migrator:
         target = head() if target == "head" else known(target)
         with self._locked("migrate") as conn:
             current = current_revision(conn)
-            if _position(target) < _position(current):
+            if position(target) < position(current):
                 msg = f"{target} is below the current revision {current}: use rollback"
                 raise RollbackOutOfRange(msg)
-            plan = list(chain()[_position(current) + 1 : _position(target) + 1])
+            plan = list(chain()[position(current) + 1 : position(target) + 1])
             report = RunReport("migrate", current, target, plan)
             _refuse_modified(conn)
             if not plan:
@@ -217,12 +147,12 @@ class Migrator:
             known(to)
         with self._locked("rollback") as conn:
             current = current_revision(conn)
-            applied = _position(current) + 1
+            applied = position(current) + 1
             if to is not None:
-                if _position(to) > _position(current):
+                if position(to) > position(current):
                     msg = f"cannot roll back to {to}: the database is at {current}"
                     raise RollbackOutOfRange(msg, current=current)
-                target_index = _position(to)
+                target_index = position(to)
             else:
                 count = 1 if steps is None else steps
                 if count < 1 or count > applied:
@@ -365,11 +295,11 @@ class Migrator:
         if not applied:
             conn.execute(delete(revisions_table).where(_is(revision)))
             return
-        if _position(revision) != _position(current) + 1:
+        if position(revision) != position(current) + 1:
             msg = (
                 f"revision {revision} cannot be marked applied: the database is at"
                 f" {current or 'no revision'}, so the next revision is"
-                f" {chain()[_position(current) + 1]}"
+                f" {chain()[position(current) + 1]}"
             )
             raise RollbackOutOfRange(msg, revision=revision)
         conn.commit()
@@ -412,52 +342,14 @@ class Migrator:
     # -- looking -------------------------------------------------------------
 
     def dry_run(self, target: str = "head") -> tuple[list[str], str]:
-        """The plan to ``target`` and its SQL, from Alembic's offline mode."""
-        target = head() if target == "head" else known(target)
-        current = self._read(current_revision)
-        plan = list(chain()[_position(current) + 1 : _position(target) + 1])
-        if not plan:
-            return plan, ""
-        return plan, _offline_sql(self.engine, current, target)
+        """The plan to ``target`` and its SQL (see :mod:`requiem.store.plan`)."""
+        return plan.dry_run(self.engine, target)
 
     def estimate(
-        self, target: str = "head", large_rows: int = LARGE_TABLE_ROWS
+        self, target: str = "head", large_rows: int = plan.LARGE_TABLE_ROWS
     ) -> list[dict[str, Any]]:
-        """Per pending revision: tables it touches, their rows, a duration guess."""
-        plan, _ = self.dry_run(target)
-        rows: list[dict[str, Any]] = []
-        with db.connected(self.engine) as conn:
-            existing = set(inspect(conn).get_table_names())
-            previous = self._read(current_revision)
-            for revision in plan:
-                sql = _offline_sql(self.engine, previous, revision)
-                previous = revision
-                created = sorted(set(_CREATES.findall(sql)) - history.TABLE_NAMES)
-                touched = sorted(
-                    set(_TOUCHES.findall(sql)) - set(created) - history.TABLE_NAMES
-                )
-                counts = {
-                    name: _row_count(conn, name) if name in existing else 0
-                    for name in touched
-                }
-                statements = len(_STATEMENT_END.findall(sql))
-                seconds = (
-                    statements * SECONDS_PER_STATEMENT
-                    + sum(counts.values()) / ROWS_PER_SECOND
-                )
-                large = sorted(n for n, c in counts.items() if c >= large_rows)
-                rows.append(
-                    {
-                        "revision": revision,
-                        "description": describe(revision),
-                        "creates": created,
-                        "touches": counts,
-                        "statements": statements,
-                        "estimated_s": round(seconds, 2),
-                        "large_tables": large,
-                    }
-                )
-        return rows
+        """Per pending revision: tables, rows, a duration guess."""
+        return plan.estimate(self.engine, target, large_rows)
 
     def status(self) -> dict[str, Any]:
         """Current and pending revisions, failed, modified, interrupted, the lock."""
@@ -487,7 +379,7 @@ class Migrator:
         for index, revision in enumerate(chain()):
             row = recorded.get(revision)
             now_sum = checksum(revision)
-            is_applied = index <= _position(current)
+            is_applied = index <= position(current)
             failed = row is not None and row["status"] == "failed"
             revisions.append(
                 {
@@ -506,7 +398,9 @@ class Migrator:
                 }
             )
         interrupted = [
-            _interrupted(run) for run in running if not _is_lock_holder(state, run)
+            history.interrupted(run)
+            for run in running
+            if not _is_lock_holder(state, run)
         ]
         return {
             "database": db.masked(
@@ -644,56 +538,8 @@ def _after(report: RunReport, done: str | None) -> str | None:
         return report.from_revision
     if report.command == "migrate":
         return done
-    index = _position(done) - 1
+    index = position(done) - 1
     return chain()[index] if index >= 0 else None
-
-
-def _close_interrupted_runs(conn: Connection) -> None:
-    """Under the lock, any run still ``running`` died: mark it and its revision."""
-    stale = [
-        dict(r)
-        for r in conn.execute(
-            select(runs_table).where(runs_table.c.result == "running")
-        ).mappings()
-    ]
-    for run in stale:
-        info = _interrupted(run)
-        error = f"interrupted: process {run['pid']} on {run['host']} died"
-        revision = info["in_progress"]
-        if revision is not None and run["command"] == "migrate":
-            conn.execute(delete(revisions_table).where(_is(revision)))
-            conn.execute(
-                insert(revisions_table).values(
-                    revision=revision,
-                    status="failed",
-                    checksum=checksum(revision),
-                    run_id=run["id"],
-                    error=error,
-                )
-            )
-        conn.execute(
-            update(runs_table)
-            .where(runs_table.c.id == run["id"])
-            .values(result="interrupted", error=error)
-        )
-        logger.warning("migration_run_interrupted", run=run["id"], revision=revision)
-    conn.commit()
-
-
-def _interrupted(run: dict[str, Any]) -> dict[str, Any]:
-    plan = run["plan"] if isinstance(run["plan"], list) else json.loads(run["plan"])
-    steps = run["steps"] if isinstance(run["steps"], list) else json.loads(run["steps"])
-    in_progress = plan[len(steps)] if len(steps) < len(plan) else None
-    return {
-        "run_id": run["id"],
-        "command": run["command"],
-        "actor": run["actor"],
-        "host": run["host"],
-        "pid": run["pid"],
-        "started_at": run["started_at"],
-        "completed": [s["revision"] for s in steps],
-        "in_progress": in_progress,
-    }
 
 
 def _is_lock_holder(state: lock.LockState, run: dict[str, Any]) -> bool:
@@ -728,19 +574,6 @@ def _revision_row(conn: Connection, revision: str) -> dict[str, Any] | None:
 
 def _is(revision: str):  # noqa: ANN202
     return revisions_table.c.revision == revision
-
-
-def _offline_sql(engine: Engine, start: str | None, end: str) -> str:
-    output = io.StringIO()
-    url = engine.url.render_as_string(hide_password=False)
-    config = alembic_config(url=url, output=output)
-    command.upgrade(config, f"{start}:{end}" if start else end, sql=True)
-    return output.getvalue()
-
-
-def _row_count(conn: Connection, table: str) -> int:
-    quoted = conn.dialect.identifier_preparer.quote(table)
-    return int(conn.execute(text(f"SELECT count(*) FROM {quoted}")).scalar_one())
 
 
 def _reason(exc: BaseException) -> str:
