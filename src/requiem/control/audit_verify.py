@@ -97,36 +97,37 @@ def walk(
 ) -> VerifyReport:
     """Check ``rows`` (in ``_COLUMNS`` order, ascending) and the checkpoints."""
     expected, prev = start_seq, prev_hash
+    hash_of, ts_of = entry_hash, ts_text
     for row in rows:
-        seq = row[0]
+        seq, ts, actor, tenant, action, target, outcome, source, rid = row[:9]
+        details, named_prev, stored = row[9:]
         if seq != expected:
             msg = f"entry {expected} is missing (next entry is {seq})"
             raise _broken(expected, "gap", msg)
-        computed = entry_hash(
+        computed = hash_of(
             seq,
-            row[10],
-            ts_text(row[1]),
-            row[2],
-            row[3],
-            row[4],
-            row[5],
-            row[6],
-            row[7],
-            row[8],
-            row[9],
+            named_prev,
+            ts_of(ts),
+            actor,
+            tenant,
+            action,
+            target,
+            outcome,
+            source,
+            rid,
+            details,
         )
-        if computed != row[11]:
+        if computed != stored:
             raise _broken(seq, "hash_mismatch", "the entry's content was changed")
-        if row[10] != prev:
+        if named_prev != prev:
             msg = "the entry does not name its predecessor's hash"
             raise _broken(seq, "broken_link", msg)
         prev = computed
         expected += 1
-        for checkpoint in checkpoints.get(seq, ()):
-            _check_checkpoint(checkpoint, prev, key)
-            report.checkpoints += 1
-        if report.first_seq is None:
-            report.first_seq = seq
+        if seq in checkpoints:
+            for checkpoint in checkpoints[seq]:
+                _check_checkpoint(checkpoint, prev, key)
+                report.checkpoints += 1
     head = expected - 1
     beyond = [seq for seq in checkpoints if seq > head]
     if beyond:
@@ -136,6 +137,7 @@ def walk(
         )
         raise _broken(head + 1, "truncated", msg)
     report.checked = head - start_seq + 1
+    report.first_seq = start_seq if report.checked else None
     report.head_seq = head
     report.head_hash = prev
     return report
