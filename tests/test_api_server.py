@@ -351,3 +351,21 @@ def test_status_and_flags_commands_talk_to_the_server(server: Server):
     assert json.loads(flag.stdout)["name"] == "maintenance"
     assert unknown.returncode == 3
     assert "error[unknown_flag]" in unknown.stderr
+
+
+def test_pool_admin_routes_drain_refuse_and_reset(server: Server):
+    admin = make_key(server.env, tenant_name("ops"), "admin", operator=True)
+    with server.client(admin) as ops:
+        status = ops.get("/api/admin/db/pool")
+        leaks = ops.get("/api/admin/db/pool/leaks", params={"threshold_s": 0})
+        drained = ops.post("/api/admin/db/pool/drain", params={"timeout_s": 5})
+        refused = ops.get("/api/v1/executions")
+        reset = ops.post("/api/admin/db/pool/reset")
+        after = ops.get("/api/v1/executions")
+
+    assert status.status_code == 200 and status.json()["draining"] is False
+    assert leaks.json()["threshold_s"] == 0
+    assert drained.json()["drained"] is True, drained.text
+    assert_error(refused, 503, "pool_draining")
+    assert reset.status_code == 200 and reset.json()["draining"] is False
+    assert after.status_code == 200
