@@ -101,13 +101,26 @@ def bench_blobs(work: Path, sizes: list[int]) -> None:
             copy, back = work / "copy", work / "back"
             digest = cas.put_file(source)
 
-            base_put = _best(partial(_baseline, source, copy, durable=True), reps)
+            # Every run writes a new file on both sides: the untimed step between
+            # runs removes what the last one wrote.
+            base_put = _best(
+                partial(_baseline, source, copy, durable=True),
+                reps,
+                partial(copy.unlink),
+            )
             cas_put = _best(
                 partial(cas.put_file, source), reps, partial(cas.remove, digest)
             )
             digest = cas.put_file(source)
-            base_get = _best(partial(_baseline, copy, back, durable=False), reps)
-            cas_get = _best(partial(cas.get_to_file, digest, back), reps)
+            _baseline(source, copy, durable=False)
+            base_get = _best(
+                partial(_baseline, copy, back, durable=False),
+                reps,
+                partial(back.unlink),
+            )
+            cas_get = _best(
+                partial(cas.get_to_file, digest, back), reps, partial(back.unlink)
+            )
 
             label = f"{kind} {size} MiB ({cas.meta(digest).encoding})"
             _row(f"{label} put", f"{size / cas_put:8.0f} MiB/s")

@@ -144,8 +144,9 @@ def verify(
             f"{report.good} good, {len(report.bad)} problems"
         )
     if not report.ok:
+        count = len(report.bad)
         failure = CasIntegrityFailed(
-            f"{len(report.bad)} problems in the CAS at {cas.root}"
+            f"{count} problem{'s' if count != 1 else ''} in the CAS at {cas.root}"
         )
         sys.stderr.write(f"requiem: error[{failure.code}]: {failure.message}\n")
         raise typer.Exit(failure.exit_code)
