@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 CLAIMS = [
     "gcc: C program embedding __DATE__/__TIME__: same result through Requiem from"
     " both callers",
