@@ -219,6 +219,21 @@ def test_a_checkpoint_is_signed_every_n_entries(home: Path, monkeypatch, signer)
     assert verify_database(sessions, signer.public_key).checkpoints == 3
 
 
+def test_a_checkpoint_falls_due_after_the_interval(home: Path, monkeypatch, signer):
+    """INTERVAL_S=0: any flush with new entries is signed; one with none is not."""
+    monkeypatch.setenv("REQUIEM_AUDIT_CHECKPOINT_INTERVAL_S", "0")
+    sessions = open_sessions(f"sqlite:///{home / 'requiem.db'}")
+    fill(sessions, 2)
+    link(sessions, signer)
+    fill(sessions, 1)
+
+    with_new = link(sessions, signer)
+    without_new = link(sessions, signer)
+
+    assert with_new.checkpoint_seq == 3
+    assert without_new.checkpoint_seq is None
+
+
 def test_editing_an_entry_is_a_hash_mismatch(sqlite_sessions, signer):
     fill(sqlite_sessions, 10)
     link(sqlite_sessions, signer)

@@ -280,6 +280,12 @@ def export(
     """JSON Lines on stdout: entries since a time, then a signed checkpoint."""
     start = audit_query.parse_time(since) if since else None
     sessions = _sessions()
+    waiting = audit_service.pending(sessions)["count"]
+    if waiting:
+        output.note(
+            f"requiem: {waiting} pending entries are not in the chain yet and not in "
+            "this export; run `requiem audit flush` first to include them"
+        )
     lines = 0
     for text in audit_query.export(sessions, _signer(True), start):
         sys.stdout.write(text + "\n")
