@@ -247,6 +247,30 @@ def test_a_bad_checkpoint_file_is_refused(
     assert f"error[{code}]" in err
 
 
+@pytest.mark.parametrize(
+    ("option", "content", "code", "exit_code"),
+    [
+        ("--public-key", None, "file_not_found", 3),
+        ("--public-key", "not a key", "audit_public_key_invalid", 2),
+        ("--file", None, "file_not_found", 3),
+    ],
+)
+def test_bad_files_for_verify_are_refused(
+    sessions, capsys, tmp_path: Path, option, content, code, exit_code
+):
+    path = tmp_path / "given"
+    if content is not None:
+        path.write_text(content)
+    args = [option, str(path)]
+    if option == "--public-key":
+        args += ["--file", str(tmp_path / "given")]
+
+    ended, _, err = requiem(capsys, "audit", "verify", *args)
+
+    assert ended == exit_code
+    assert f"error[{code}]" in err
+
+
 def test_the_public_key_is_pem_and_the_key_file_private(sessions, capsys):
     code, out, _ = requiem(capsys, "audit", "public-key")
 

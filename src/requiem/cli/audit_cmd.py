@@ -21,10 +21,11 @@ from requiem.cli.client import ApiClient
 from requiem.control import audit_query, audit_service, audit_verify
 from requiem.control.audit_keys import (
     AuditKeyUnavailable,
+    AuditPublicKeyInvalid,
     AuditSigner,
     parse_public_pem,
 )
-from requiem.errors import FileMissing, ServerUnreachable
+from requiem.errors import FileMissing, ServerUnreachable, UsageError
 from requiem.store.bootstrap import ensure_schema
 from requiem.store.db import make_engine, session_factory
 
@@ -142,6 +143,9 @@ def _trusted_key(public_key: Path | None) -> tuple[Any, str | None]:
         except FileNotFoundError as exc:
             msg = f"no public key file at {public_key}"
             raise FileMissing(msg, path=str(public_key)) from exc
+        except (OSError, UnicodeError) as exc:
+            msg = f"cannot read a PEM public key from {public_key}"
+            raise AuditPublicKeyInvalid(msg, path=str(public_key)) from exc
         return parse_public_pem(pem), "given"
     try:
         return _signer(False).public_key, "service"
@@ -193,6 +197,9 @@ def _verify_file(path: Path, key: Any, key_source: str | None) -> Any:
         stream = sys.stdin.buffer if str(path) == "-" else path.open("rb")
     except FileNotFoundError as exc:
         raise FileMissing(f"no export file at {path}", path=str(path)) from exc
+    except OSError as exc:
+        msg = f"cannot read export file {path}: {exc.strerror}"
+        raise UsageError(msg, path=str(path)) from exc
     with stream:
         report = audit_verify.verify_export(stream, key)
     if key_source is not None:

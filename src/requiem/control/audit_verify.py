@@ -12,6 +12,7 @@ failure raises :class:`AuditChainBroken` naming the sequence number and the dama
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -274,67 +275,82 @@ def _export_row(value: Any, expected: int) -> tuple[Any, ...]:
         raise _broken(expected, "hash_mismatch", msg) from exc
 
 
+class _ExportLines:
+    """The entries of an export file, read one line at a time; notes the checkpoint."""
+
+    def __init__(self, lines: Iterable[bytes]) -> None:
+        self._lines = lines
+        self.checkpoint: Checkpoint | None = None
+        self.embedded_key: str | None = None
+        self.last_seq = 0
+
+    def entries(self) -> Iterator[tuple[Any, ...]]:
+        for number, raw in enumerate(self._lines, start=1):
+            expected = self.last_seq + 1 if self.last_seq else 0
+            if self.checkpoint is not None:
+                msg = "entries follow the export's closing checkpoint"
+                raise _broken(self.checkpoint.seq + 1, "checkpoint_mismatch", msg)
+            if not raw.endswith(b"\n"):
+                raise _broken(expected, "truncated", f"line {number} is cut short")
+            try:
+                value = digest.parse_json(raw)
+            except RequiemError as exc:
+                msg = f"line {number} is not JSON"
+                raise _broken(expected, "hash_mismatch", msg) from exc
+            if isinstance(value, dict) and value.get("type") == "checkpoint":
+                where = f"line {number}"
+                self.checkpoint, self.embedded_key = checkpoint_from_dict(value, where)
+                continue
+            row = _export_row(value, expected)
+            self.last_seq = row[0]
+            yield row
+
+
 def verify_export(
     lines: Iterable[bytes], trusted: Ed25519PublicKey | None
 ) -> VerifyReport:
-    """Verify an ``audit export`` file on its own (no database needed).
+    """Verify an ``audit export`` file on its own (no database needed), streaming.
 
-    The file must end with a checkpoint covering its last entry. Its signature is
+    The file must end with a checkpoint signed at its last entry. The signature is
     checked with ``trusted`` when given, else with the public key the file carries
     (which proves integrity only if that key is the service's; the report says
     which key was used).
     """
-    entries: list[tuple[Any, ...]] = []
-    checkpoint: Checkpoint | None = None
-    embedded: str | None = None
-    buffered = list(lines)
-    for number, raw in enumerate(buffered, start=1):
-        expected = entries[-1][0] + 1 if entries else 0
-        if checkpoint is not None:
-            msg = "entries follow the export's closing checkpoint"
-            raise _broken(checkpoint.seq + 1, "checkpoint_mismatch", msg)
-        if not raw.endswith(b"\n"):
-            msg = f"line {number} is cut short"
-            raise _broken(expected, "truncated", msg)
-        try:
-            value = digest.parse_json(raw)
-        except RequiemError as exc:
-            msg = f"line {number} is not JSON"
-            raise _broken(expected, "hash_mismatch", msg) from exc
-        if isinstance(value, dict) and value.get("type") == "checkpoint":
-            checkpoint, embedded = checkpoint_from_dict(value, f"line {number}")
-            continue
-        entries.append(_export_row(value, expected))
+    source = _ExportLines(lines)
+    entries = source.entries()
+    report = VerifyReport(signatures_checked=True, key_source="given")
+    first = next(entries, None)
+    if first is not None:
+        walk(
+            itertools.chain([first], entries),
+            start_seq=first[0],
+            prev_hash=first[10],
+            checkpoints={},
+            key=None,
+            report=report,
+        )
 
-    last = entries[-1][0] if entries else 0
+    checkpoint, last = source.checkpoint, source.last_seq
     if checkpoint is None:
         msg = "the export does not end with a signed checkpoint"
         raise _broken(last + 1, "truncated", msg)
-    report = VerifyReport(signatures_checked=True, key_source="given")
     key = trusted
     if key is None:
-        if embedded is None:
-            raise _broken(
-                checkpoint.seq, "bad_signature", "no public key to check with"
-            )
-        key = parse_public_pem(embedded)
+        if source.embedded_key is None:
+            msg = "no public key to check the checkpoint with"
+            raise _broken(checkpoint.seq, "bad_signature", msg)
+        key = parse_public_pem(source.embedded_key)
         report.key_source = "embedded"
     if checkpoint.seq < last:
         msg = f"entries after {checkpoint.seq} are not covered by the checkpoint"
         raise _broken(checkpoint.seq + 1, "checkpoint_mismatch", msg)
-    if not entries:
-        _check_checkpoint(checkpoint, checkpoint.head_hash, key)
-        report.checkpoints = 1
-        return report
-    first = entries[0]
-    return walk(
-        entries,
-        start_seq=first[0],
-        prev_hash=first[10],
-        checkpoints={checkpoint.seq: [checkpoint]},
-        key=key,
-        report=report,
-    )
+    if first is not None and checkpoint.seq > last:
+        msg = f"the checkpoint covers entries up to {checkpoint.seq}; the file ends"
+        raise _broken(last + 1, "truncated", f"{msg} at {last}")
+    chain_hash = report.head_hash if first is not None else checkpoint.head_hash
+    _check_checkpoint(checkpoint, chain_hash, key)
+    report.checkpoints = 1
+    return report
 
 
 def export_line(row: dict[str, Any]) -> str:
