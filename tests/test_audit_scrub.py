@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import PurePosixPath
+from uuid import UUID
 
 import pytest
 
@@ -101,3 +105,26 @@ def test_every_field_of_an_entry_is_scrubbed():
     assert JWT not in text
     assert entry["actor"] == REDACTED
     assert json.loads(entry["details_json"]) == {"note": REDACTED, "secret": REDACTED}
+
+
+def test_common_python_values_become_text():
+    """Amounts, times and ids in details are kept as text, not refused."""
+    moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+    cleaned = scrub(
+        {
+            "amount": Decimal("12.50"),
+            "at": moment,
+            "id": UUID(int=1),
+            "path": PurePosixPath("/a/b"),
+            "tags": ("x", "y"),
+        }
+    )
+
+    assert cleaned == {
+        "amount": "12.50",
+        "at": "2026-01-02T03:04:05+00:00",
+        "id": "00000000-0000-0000-0000-000000000001",
+        "path": "/a/b",
+        "tags": ["x", "y"],
+    }

@@ -11,8 +11,13 @@ our own key format, hence the few rules below.
 from __future__ import annotations
 
 import re
+from datetime import date, datetime
+from decimal import Decimal
+from enum import Enum
 from functools import lru_cache
+from pathlib import PurePath
 from typing import Any
+from uuid import UUID
 
 REDACTED = "[redacted]"
 
@@ -75,7 +80,11 @@ def scrub_text(text: str) -> str:
 
 
 def scrub(value: Any) -> Any:
-    """A copy of ``value`` (JSON-like) with secrets removed, recursively."""
+    """A copy of ``value`` (JSON-like) with secrets removed, recursively.
+
+    Decimals, times, UUIDs, paths and enums become their text; anything else that
+    JSON cannot hold is left for the canonical encoder to refuse.
+    """
     if isinstance(value, str):
         return scrub_text(value)
     if isinstance(value, dict):
@@ -85,4 +94,10 @@ def scrub(value: Any) -> Any:
         }
     if isinstance(value, list | tuple | set | frozenset):
         return [scrub(v) for v in value]
+    if isinstance(value, Enum):
+        return scrub(value.value)
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal | UUID | PurePath):
+        return scrub_text(str(value))
     return value
