@@ -72,3 +72,16 @@ def test_copy_back_through_a_symlink_leading_outside_is_a_path_escape(
 
     assert caught.value.code == "path_escape"
     assert not (tmp_path / "elsewhere" / "app").exists()
+
+
+def test_snapshot_leaves_out_the_cas_and_the_state_directory_inside_it(
+    tmp_path: Path,
+):
+    cas = LocalCAS(tmp_path / "objects-here")
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "requiem.db").write_text("not an input")
+    (tmp_path / "main.c").write_text("int main(void) { return 0; }\n")
+
+    found = snapshot(cas, tmp_path, skip_dirs=(tmp_path / "state",))
+
+    assert list(found) == ["main.c"]

@@ -107,7 +107,9 @@ class Engine:
         check_required(request.policy, decision)
         inputs = dict(request.inputs)
         if request.workspace_root is not None:
-            snapped = snapshot(self.cas, request.workspace_root)
+            snapped = snapshot(
+                self.cas, request.workspace_root, skip_dirs=(self.settings.home,)
+            )
             # Declared outputs are what the run makes; an old copy left in the
             # workspace (say, by `requiem run` copying it back) is not an input.
             for path in request.outputs:

@@ -36,19 +36,24 @@ MAX_SNAPSHOT_FILES = 100_000
 
 
 def snapshot(
-    cas: LocalCAS, directory: str | Path, *, skip: frozenset[str] = SKIPPED_NAMES
+    cas: LocalCAS,
+    directory: str | Path,
+    *,
+    skip: frozenset[str] = SKIPPED_NAMES,
+    skip_dirs: tuple[Path, ...] = (),
 ) -> dict[str, str]:
     """Store every regular file under ``directory``; relative path → digest.
 
-    Directories named in ``skip`` are left out at any depth, as is the CAS itself
-    when it lives inside ``directory``. A symlink is followed when it stays inside
-    the directory and refused (PathEscape) when it leads outside.
+    Directories named in ``skip`` are left out at any depth, as are the CAS itself
+    and each of ``skip_dirs`` (say, the state directory) when they live inside
+    ``directory``. A symlink is followed when it stays inside the directory and
+    refused (PathEscape) when it leads outside.
     """
     root = Path(os.path.realpath(directory))
     if not root.is_dir():
         msg = f"workspace {directory} is not a directory"
         raise InvalidRequest(msg, field="workspace_root")
-    cas_root = Path(os.path.realpath(cas.root))
+    left_out = {Path(os.path.realpath(p)) for p in (cas.root, *skip_dirs)}
 
     found: dict[str, str] = {}
     for current, dirnames, filenames in os.walk(root):
@@ -57,7 +62,7 @@ def snapshot(
             name
             for name in dirnames
             if name not in skip
-            and here / name != cas_root
+            and here / name not in left_out
             and not _skip_linked_dir(root, here / name)
         )
         for name in sorted(filenames):
