@@ -1,5 +1,19 @@
 """Content-addressed store: blobs keyed by the plain BLAKE3 of their bytes."""
 
-from requiem.cas.store import CasIntegrityFailed, CasObjectMissing, LocalCAS, ObjectMeta
+from requiem.cas.pins import Pin
+from requiem.cas.store import (
+    CasIntegrityFailed,
+    CasObjectMissing,
+    InvalidDigest,
+    LocalCAS,
+    ObjectMeta,
+)
 
-__all__ = ["CasIntegrityFailed", "CasObjectMissing", "LocalCAS", "ObjectMeta"]
+__all__ = [
+    "CasIntegrityFailed",
+    "CasObjectMissing",
+    "InvalidDigest",
+    "LocalCAS",
+    "ObjectMeta",
+    "Pin",
+]

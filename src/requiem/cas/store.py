@@ -29,14 +29,11 @@ records.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -47,8 +44,32 @@ import zstandard
 from requiem import digest as dg
 from requiem.cas import pins
 from requiem.cas.files import fsync_dir, move_no_replace, sync_filesystem
+from requiem.cas.objects import (
+    MAX_SIDECAR,
+    META_SUFFIX,
+    ZSTD_MAGIC,
+    CasIntegrityFailed,
+    CasObjectMissing,
+    InvalidDigest,
+    ObjectMeta,
+    check_digest,
+    check_read,
+    now,
+    parse_meta,
+    read_upto,
+    unreadable_blob,
+)
 from requiem.cas.pins import Pin
-from requiem.errors import IntegrityFailure, InvalidInput, NotFound
+from requiem.errors import InvalidInput
+
+__all__ = [
+    "CasIntegrityFailed",
+    "CasObjectMissing",
+    "InvalidDigest",
+    "LocalCAS",
+    "ObjectMeta",
+    "Pin",
+]
 
 CHUNK = 1 << 20
 SAMPLE = 1 << 20  # objects up to this size are handled whole, in memory
@@ -56,94 +77,8 @@ TRIAL = 128 << 10  # auto mode decides on a trial compression of this much
 MIN_COMPRESS = 512  # below this the zstd frame overhead is not worth it
 GAIN_NEEDED = 0.9  # keep zstd only when it stores at most 90% of the original
 PARALLEL_HASH_FROM = 4 << 20  # blobs this large are hashed on every core
-ENCODINGS = ("identity", "zstd")
-META_SUFFIX = ".meta.json"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _serial = itertools.count()
-
-
-class CasIntegrityFailed(IntegrityFailure):
-    code = "cas_integrity_failed"
-
-
-class CasObjectMissing(NotFound):
-    code = "cas_object_not_found"
-
-
-class InvalidDigest(InvalidInput):
-    code = "invalid_digest"
-
-
-@dataclass(frozen=True)
-class ObjectMeta:
-    digest: str
-    encoding: str  # "identity" or "zstd"
-    size: int
-    stored_size: int
-    stored_blake3: str
-    created: str
-
-    def to_json(self) -> bytes:
-        # NOTE: every field is hex, a number, a fixed word or an ISO timestamp, so
-        # formatting by hand gives the same bytes as json.dumps(sort_keys=True) at a
-        # fraction of its cost on the small-object hot path.
-        return (
-            f'{{"created": "{self.created}", "digest": "{self.digest}", '
-            f'"encoding": "{self.encoding}", "size": {self.size}, '
-            f'"stored_blake3": "{self.stored_blake3}", '
-            f'"stored_size": {self.stored_size}}}'
-        ).encode()
-
-
-def _check_digest(value: str) -> str:
-    if not dg.is_digest(value):
-        msg = f"not a digest (want 64 lowercase hex characters): {str(value)[:80]!r}"
-        raise InvalidDigest(msg)
-    return value
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _parse_meta(digest: str, raw: bytes) -> ObjectMeta:
-    """The sidecar's fields, type-checked; ValueError when it is not one of ours."""
-    fields = json.loads(raw)
-    if not isinstance(fields, dict) or set(fields) != set(
-        ObjectMeta.__dataclass_fields__
-    ):
-        msg = "sidecar does not have the expected fields"
-        raise ValueError(msg)
-    meta = ObjectMeta(**fields)
-    numbers_ok = all(type(v) is int and v >= 0 for v in (meta.size, meta.stored_size))
-    if (
-        meta.digest != digest
-        or meta.encoding not in ENCODINGS
-        or not numbers_ok
-        or not dg.is_digest(meta.stored_blake3)
-        or not isinstance(meta.created, str)
-    ):
-        msg = "sidecar does not describe this object"
-        raise ValueError(msg)
-    return meta
-
-
-def _check(
-    digest: str,
-    meta: ObjectMeta,
-    stored_size: int,
-    stored_hash: str,
-    size: int,
-    content_hash: str,
-) -> None:
-    """Raise with the first reason the bytes read do not match the sidecar."""
-    if stored_size != meta.stored_size or stored_hash != meta.stored_blake3:
-        msg = f"CAS object {digest}: stored blob hash mismatch"
-        raise CasIntegrityFailed(msg, digest=digest, reason="stored_hash_mismatch")
-    if size != meta.size or content_hash != digest:
-        msg = f"CAS object {digest}: content digest mismatch"
-        raise CasIntegrityFailed(msg, digest=digest, reason="content_digest_mismatch")
 
 
 class LocalCAS:
@@ -213,7 +148,7 @@ class LocalCAS:
     # -- writing -------------------------------------------------------------------
 
     def exists(self, digest: str) -> bool:
-        _check_digest(digest)
+        check_digest(digest)
         try:
             os.stat(self.meta_path(digest))
             os.stat(self.blob_path(digest))
@@ -226,8 +161,7 @@ class LocalCAS:
         blob_path = self._blob_name(digest)
         meta_path = blob_path + META_SUFFIX
         try:
-            with open(meta_path, "rb") as sidecar:
-                meta = _parse_meta(digest, sidecar.read())
+            meta = parse_meta(digest, read_upto(meta_path, MAX_SIDECAR))
             intact = os.stat(blob_path).st_size == meta.stored_size
         except (OSError, ValueError, TypeError):
             return False
@@ -242,7 +176,7 @@ class LocalCAS:
             return key
         encoding, stored = self._encode_whole(data)
         stored_hash = key if encoding == "identity" else dg.of_bytes(stored)
-        meta = ObjectMeta(key, encoding, len(data), len(stored), stored_hash, _now())
+        meta = ObjectMeta(key, encoding, len(data), len(stored), stored_hash, now())
         tmp_blob = self._write_temp("put", (stored,), durable=durable)
         self._install(key, tmp_blob, meta, durable=durable)
         return key
@@ -311,7 +245,7 @@ class LocalCAS:
         if self._already_stored(key):
             os.unlink(tmp_blob)
             return key
-        meta = ObjectMeta(key, encoding, sizes[0], sizes[1], stored.hexdigest(), _now())
+        meta = ObjectMeta(key, encoding, sizes[0], sizes[1], stored.hexdigest(), now())
         self._install(key, tmp_blob, meta, durable=durable)
         return key
 
@@ -402,7 +336,7 @@ class LocalCAS:
         else:
             return None
         return ObjectMeta(
-            digest, encoding, size_out, stored_size, stored.hexdigest(), _now()
+            digest, encoding, size_out, stored_size, stored.hexdigest(), now()
         )
 
     def _make_folder(self, key: str, *, durable: bool) -> None:
@@ -436,7 +370,7 @@ class LocalCAS:
 
     def meta(self, digest: str) -> ObjectMeta:
         """The sidecar of a present object; missing or unreadable ones raise."""
-        _check_digest(digest)
+        check_digest(digest)
         meta = self._read_meta(digest)
         if not self.blob_path(digest).is_file():
             msg = f"no CAS object {digest}"
@@ -445,8 +379,7 @@ class LocalCAS:
 
     def _read_meta(self, digest: str) -> ObjectMeta:
         try:
-            with open(self._blob_name(digest) + META_SUFFIX, "rb") as sidecar:
-                raw = sidecar.read()
+            raw = read_upto(self._blob_name(digest) + META_SUFFIX, MAX_SIDECAR)
         except (FileNotFoundError, NotADirectoryError) as exc:
             msg = f"no CAS object {digest}"
             raise CasObjectMissing(msg, digest=digest) from exc
@@ -456,7 +389,7 @@ class LocalCAS:
                 msg, digest=digest, reason="metadata_unreadable"
             ) from exc
         try:
-            return _parse_meta(digest, raw)
+            return parse_meta(digest, raw)
         except (ValueError, TypeError) as exc:
             msg = f"CAS object {digest}: metadata unreadable"
             raise CasIntegrityFailed(
@@ -466,14 +399,8 @@ class LocalCAS:
     def _open_blob(self, digest: str) -> BinaryIO:
         try:
             return open(self._blob_name(digest), "rb")  # noqa: SIM115 - caller closes
-        except FileNotFoundError as exc:
-            msg = f"no CAS object {digest}"
-            raise CasObjectMissing(msg, digest=digest) from exc
         except OSError as exc:
-            msg = f"CAS object {digest}: stored blob unreadable ({exc.strerror})"
-            raise CasIntegrityFailed(
-                msg, digest=digest, reason="stored_hash_mismatch"
-            ) from exc
+            raise unreadable_blob(digest, exc) from exc
 
     def _decoded_chunks(self, digest: str, meta: ObjectMeta) -> Iterator[bytes]:
         """Decoded chunks of the object, checking both hashes as the last chunk passes.
@@ -507,7 +434,7 @@ class LocalCAS:
                 size += len(raw)
                 if raw and size <= meta.size:
                     yield raw
-        _check(
+        check_read(
             digest,
             meta,
             stored_size,
@@ -518,8 +445,10 @@ class LocalCAS:
 
     def _small_get(self, digest: str, meta: ObjectMeta) -> bytes:
         """A small object read whole, both hashes checked; no bad byte escapes."""
-        with self._open_blob(digest) as blob:
-            stored_bytes = blob.read(meta.stored_size + 1)
+        try:
+            stored_bytes = read_upto(self._blob_name(digest), meta.stored_size + 1)
+        except OSError as exc:
+            raise unreadable_blob(digest, exc) from exc
         stored_hash = dg.of_bytes(stored_bytes)
         data, content_hash = b"", ""
         if meta.encoding == "identity":
@@ -530,12 +459,14 @@ class LocalCAS:
                 content_hash = dg.of_bytes(data)
             except zstandard.ZstdError:
                 pass  # reported below as a content mismatch
-        _check(digest, meta, len(stored_bytes), stored_hash, len(data), content_hash)
+        check_read(
+            digest, meta, len(stored_bytes), stored_hash, len(data), content_hash
+        )
         return data
 
     def get_bytes(self, digest: str) -> bytes:
         """The object's bytes, verified in full before they are returned."""
-        _check_digest(digest)
+        check_digest(digest)
         meta = self._read_meta(digest)
         if meta.stored_size <= SAMPLE and meta.size <= SAMPLE:
             return self._small_get(digest, meta)
@@ -543,7 +474,7 @@ class LocalCAS:
 
     def get_to_file(self, digest: str, path: str | Path) -> ObjectMeta:
         """Write the object to ``path``, which appears only if every byte verified."""
-        _check_digest(digest)
+        check_digest(digest)
         meta = self._read_meta(digest)
         target = Path(path)
         tmp_name = f"{target.parent}/.requiem-get-{os.getpid()}-{next(_serial)}"
@@ -564,7 +495,7 @@ class LocalCAS:
         temp file first, so the bytes written are exactly the bytes that verified
         even if the blob changes on disk meanwhile.
         """
-        _check_digest(digest)
+        check_digest(digest)
         meta = self._read_meta(digest)
         if meta.stored_size <= SAMPLE and meta.size <= SAMPLE:
             out.write(self._small_get(digest, meta))
@@ -584,7 +515,7 @@ class LocalCAS:
 
     def verify_object(self, digest: str) -> ObjectMeta:
         """Read the object through both hash checks; raises on any damage."""
-        _check_digest(digest)
+        check_digest(digest)
         meta = self._read_meta(digest)
         if meta.stored_size <= SAMPLE and meta.size <= SAMPLE:
             self._small_get(digest, meta)
@@ -656,7 +587,7 @@ class LocalCAS:
 
     def remove(self, digest: str) -> None:
         """Delete the object: sidecar first, so it stops counting as present."""
-        _check_digest(digest)
+        check_digest(digest)
         for path in (self.meta_path(digest), self.blob_path(digest)):
             path.unlink(missing_ok=True)
 
@@ -672,7 +603,7 @@ class LocalCAS:
         The object need not exist yet: pinning before uploading closes the window
         in which a collection could remove a freshly deduplicated object.
         """
-        _check_digest(digest)
+        check_digest(digest)
         if not reason:
             msg = "a pin needs a reason"
             raise InvalidInput(msg)
@@ -680,7 +611,7 @@ class LocalCAS:
 
     def unpin(self, digest: str, reason: str | None = None) -> int:
         """Drop the pin for ``reason`` (every pin of ``digest`` when None); count."""
-        _check_digest(digest)
+        check_digest(digest)
         return pins.remove(self.pins, digest, reason)
 
     def iter_pins(self) -> Iterator[Pin]:
