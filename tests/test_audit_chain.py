@@ -481,3 +481,80 @@ def test_the_service_flushes_in_the_background_and_on_stop(sqlite_sessions):
     assert service.pending() == {"count": 0, "oldest_age_s": 0.0}
     assert report.head_seq == 5
     assert service.status()["flusher"]["running"] is False
+
+
+def parallel(sessions, key=None, **kwargs):
+    return audit_service.verify(sessions, key, workers=3, parallel_min=1, **kwargs)
+
+
+def test_a_parallel_walk_reports_what_one_walk_does(database_url: str, signer):
+    """Spans 1-10, 11-20, 21-30 on three processes: same report, checkpoints too."""
+    sessions = open_sessions(database_url)
+    fill(sessions, 30)
+    link(sessions, signer)
+
+    report = parallel(sessions, signer.public_key)
+
+    single = verify_database(sessions, signer.public_key)
+    assert (report.checked, report.head_seq, report.head_hash) == (
+        single.checked,
+        single.head_seq,
+        single.head_hash,
+    )
+    assert report.checkpoints == single.checkpoints == 1
+
+
+@pytest.mark.parametrize(
+    ("sql", "seq", "damage"),
+    [
+        ("UPDATE audit_entries SET actor = 'x' WHERE seq = 11", 11, "hash_mismatch"),
+        ("UPDATE audit_entries SET actor = 'x' WHERE seq = 25", 25, "hash_mismatch"),
+        ("DELETE FROM audit_entries WHERE seq = 10", 10, "gap"),
+        ("DELETE FROM audit_entries WHERE seq = 11", 11, "gap"),
+        ("UPDATE audit_entries SET prev_hash = :h WHERE seq = 21", 21, "hash_mismatch"),
+        ("DELETE FROM audit_entries WHERE seq > 28", 29, "truncated"),
+    ],
+)
+def test_a_parallel_walk_finds_damage_at_and_between_spans(
+    sqlite_sessions, signer, sql, seq, damage
+):
+    fill(sqlite_sessions, 30)
+    link(sqlite_sessions, signer)
+
+    run_sql(sqlite_sessions, sql, h="0" * 64)
+
+    with pytest.raises(AuditChainBroken) as caught:
+        parallel(sqlite_sessions, signer.public_key)
+    assert (caught.value.seq, caught.value.damage) == (seq, damage)
+
+
+def test_a_parallel_walk_catches_a_rehashed_span_at_its_border(sqlite_sessions):
+    """Entry 15 edited and 11-30 re-hashed from a forged 11: the link 10→11 breaks."""
+    fill(sqlite_sessions, 30)
+    link(sqlite_sessions)
+    run_sql(
+        sqlite_sessions,
+        "UPDATE audit_entries SET prev_hash = :h WHERE seq = 11",
+        h="1" * 64,
+    )
+    with sqlite_sessions() as session, session.begin():
+        row = session.get(AuditEntry, 11)
+        row.hash = audit_chain.entry_hash(
+            11,
+            row.prev_hash,
+            audit_chain.ts_text(row.ts),
+            row.actor,
+            row.tenant_id,
+            row.action,
+            row.target,
+            row.outcome,
+            row.source,
+            row.request_id,
+            row.details,
+        )
+    rehash_from(sqlite_sessions, 12)
+
+    with pytest.raises(AuditChainBroken) as caught:
+        parallel(sqlite_sessions)
+    assert (caught.value.seq, caught.value.damage) == (11, "broken_link")
+    assert broken(sqlite_sessions).seq == 11

@@ -8,6 +8,7 @@ stderr. The other commands always read the database (and the signing key) here.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -170,6 +171,15 @@ def verify(
         Path | None,
         typer.Option("--public-key", help="PEM public key to check signatures with."),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            max=64,
+            help="Processes for a long chain (default: cores).",
+        ),
+    ] = min(8, os.cpu_count() or 1),
     as_json: JsonFlag = False,
 ) -> None:
     """Walk the chain and check every hash, link and checkpoint signature."""
@@ -177,7 +187,7 @@ def verify(
     if export_file is not None:
         report = _verify_file(export_file, key, key_source)
     else:
-        report = _verify_database(from_seq, against, key, key_source)
+        report = _verify_database(from_seq, against, key, key_source, workers)
     if as_json:
         output.print_json(report.to_dict())
         return
@@ -213,7 +223,7 @@ def _verify_file(path: Path, key: Any, key_source: str | None) -> Any:
 
 
 def _verify_database(
-    from_seq: int, against: Path | None, key: Any, key_source: str | None
+    from_seq: int, against: Path | None, key: Any, key_source: str | None, workers: int
 ) -> Any:
     sessions = _sessions()
     checkpoint = None
@@ -227,7 +237,9 @@ def _verify_database(
             )
     if key is None:
         output.note("requiem: no audit public key: checkpoint signatures not checked")
-    report = audit_service.verify(sessions, key, from_seq=from_seq, against=checkpoint)
+    report = audit_service.verify(
+        sessions, key, from_seq=from_seq, against=checkpoint, workers=workers
+    )
     report.key_source = key_source
     return report
 

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from requiem import log
-from requiem.control import audit_chain, audit_verify
+from requiem.control import audit_chain, audit_verify, audit_verify_parallel
 from requiem.control.audit_chain import LinkReport
 from requiem.control.audit_keys import AuditSigner, Checkpoint
 from requiem.control.audit_verify import VerifyReport
@@ -209,13 +209,23 @@ def verify(
     *,
     from_seq: int = 1,
     against: Checkpoint | None = None,
+    workers: int = 1,
+    parallel_min: int = audit_verify_parallel.PARALLEL_MIN,
 ) -> VerifyReport:
     """Verify the stored chain and remember the result (``audit status`` shows it).
 
+    A long chain is walked by ``workers`` processes when more than one is allowed.
     A failure counts in ``requiem_audit_verify_failures_total`` and is re-raised.
     """
     try:
-        report = audit_verify.verify_database(
+        report = audit_verify_parallel.verify(
+            factory,
+            key,
+            from_seq=from_seq,
+            against=against,
+            workers=workers,
+            parallel_min=parallel_min,
+        ) or audit_verify.verify_database(
             factory, key, from_seq=from_seq, against=against
         )
     except audit_chain.AuditChainBroken as exc:

@@ -144,18 +144,22 @@ def walk(
     return report
 
 
-def _rows(session: Session, from_seq: int) -> Iterator[tuple[Any, ...]]:
-    """Entries from ``from_seq`` on, ascending, straight from the driver (fast)."""
+def _rows(
+    session: Session, from_seq: int, to_seq: int | None = None
+) -> Iterator[tuple[Any, ...]]:
+    """Entries ``from_seq``..``to_seq`` ascending, straight from the driver (fast)."""
     connection = session.connection().connection.dbapi_connection
     assert connection is not None
+    upper = 2**63 - 1 if to_seq is None else to_seq
+    where = "WHERE seq >= {0} AND seq <= {0} ORDER BY seq"
     if session.get_bind().dialect.name == "sqlite":
         cursor = connection.cursor()
-        sql = f"SELECT {_COLUMNS} FROM audit_entries WHERE seq >= ? ORDER BY seq"
+        sql = f"SELECT {_COLUMNS} FROM audit_entries " + where.format("?")
     else:
         cursor = connection.cursor(name="requiem_audit_verify")  # server side
-        sql = f"SELECT {_COLUMNS} FROM audit_entries WHERE seq >= %s ORDER BY seq"
+        sql = f"SELECT {_COLUMNS} FROM audit_entries " + where.format("%s")
     try:
-        cursor.execute(sql, (from_seq,))
+        cursor.execute(sql, (from_seq, upper))
         while batch := cursor.fetchmany(_FETCH):
             yield from batch
     finally:
@@ -189,20 +193,8 @@ def verify_database(
     """
     from_seq = max(1, from_seq)
     report = VerifyReport(signatures_checked=key is not None)
-    if against is not None:
-        _check_checkpoint(against, against.head_hash, key)
     with factory() as session, session.begin():
-        prev = GENESIS
-        if from_seq > 1:
-            prev = session.execute(
-                select(AuditEntry.hash).where(AuditEntry.seq == from_seq - 1)
-            ).scalar_one_or_none()
-            if prev is None:
-                msg = f"entry {from_seq - 1} is missing"
-                raise _broken(from_seq - 1, "gap", msg)
-        checkpoints = _stored_checkpoints(session, from_seq)
-        if against is not None and against.seq >= from_seq:
-            checkpoints.setdefault(against.seq, []).append(against)
+        prev, checkpoints = prepare(session, key, from_seq, against)
         return walk(
             _rows(session, from_seq),
             start_seq=from_seq,
@@ -211,6 +203,29 @@ def verify_database(
             key=key,
             report=report,
         )
+
+
+def prepare(
+    session: Session,
+    key: Ed25519PublicKey | None,
+    from_seq: int,
+    against: Checkpoint | None,
+) -> tuple[str, dict[int, list[Checkpoint]]]:
+    """The hash entry ``from_seq`` must name, and the checkpoints to check."""
+    if against is not None:
+        _check_checkpoint(against, against.head_hash, key)
+    prev = GENESIS
+    if from_seq > 1:
+        prev = session.execute(
+            select(AuditEntry.hash).where(AuditEntry.seq == from_seq - 1)
+        ).scalar_one_or_none()
+        if prev is None:
+            msg = f"entry {from_seq - 1} is missing"
+            raise _broken(from_seq - 1, "gap", msg)
+    checkpoints = _stored_checkpoints(session, from_seq)
+    if against is not None and against.seq >= from_seq:
+        checkpoints.setdefault(against.seq, []).append(against)
+    return prev, checkpoints
 
 
 def checkpoint_from_dict(value: Any, where: str) -> tuple[Checkpoint, str | None]:
