@@ -29,6 +29,25 @@ def redact(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+class _StderrLogger:
+    """Writes each rendered line to whatever ``sys.stderr`` is at that moment.
+
+    structlog's own print logger keeps the stream it was given; a test harness (or a
+    daemon) that swaps stderr would then write into a closed file.
+    """
+
+    def msg(self, message: str) -> None:
+        stream = sys.stderr
+        stream.write(message + "\n")
+        stream.flush()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def _stderr_logger(*_args: Any) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure(level: str = "info", fmt: str = "console") -> None:
     """Route structlog to stderr at ``level`` in ``fmt`` (console or json)."""
     renderer: Any
@@ -45,7 +64,7 @@ def configure(level: str = "info", fmt: str = "console") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, 20)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(stream=sys.stderr, level=max(_LEVELS.get(level, 20), 30))
@@ -53,3 +72,7 @@ def configure(level: str = "info", fmt: str = "console") -> None:
 
 def get(name: str) -> Any:
     return structlog.get_logger(name)
+
+
+# Library use without the CLI (tests, an embedding program) must never log to stdout.
+configure()
