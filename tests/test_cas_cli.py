@@ -322,3 +322,16 @@ def test_gc_refuses_a_bad_grace(cli) -> None:
 
     assert result.code == 2
     assert _error_line(result.stderr).startswith("requiem: error[invalid_duration]:")
+
+
+def test_put_of_a_directory_and_get_into_a_missing_directory(
+    requiem, cas: LocalCAS, tmp_path: Path
+) -> None:
+    digest = cas.put_bytes(b"kept")
+
+    put = requiem("cas", "put", str(tmp_path))
+    get = requiem("cas", "get", digest, "-o", str(tmp_path / "no" / "such" / "file"))
+
+    assert (put.code, get.code) == (2, 3)
+    assert _error_line(put.stderr).startswith("requiem: error[usage_error]:")
+    assert _error_line(get.stderr).startswith("requiem: error[file_not_found]:")
