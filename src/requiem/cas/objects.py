@@ -68,7 +68,11 @@ def now() -> str:
 
 def parse_meta(digest: str, raw: bytes) -> ObjectMeta:
     """The sidecar's fields, type-checked; ValueError when it is not one of ours."""
-    fields = json.loads(raw)
+    try:
+        fields = json.loads(raw)
+    except RecursionError as exc:
+        msg = "sidecar nests too deeply"
+        raise ValueError(msg) from exc
     if not isinstance(fields, dict) or set(fields) != set(
         ObjectMeta.__dataclass_fields__
     ):
