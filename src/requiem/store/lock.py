@@ -160,7 +160,7 @@ class MigrationLock:
                 if pid_alive(row["host"], row["pid"]) is not False:
                     return False
             if row is not None:
-                logger.warning("migration_lock_taken_over", stale_holder=row)
+                logger.warning("migration_lock_taken_over", stale_holder=plain(row))
                 conn.execute(delete(lock_table))
             conn.execute(
                 insert(lock_table).values(
