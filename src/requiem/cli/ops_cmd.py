@@ -1,11 +1,11 @@
 """Operator checks: ``doctor``, ``health``, ``version`` and ``verify drift|full``.
 
 Each check is a :class:`Check` with a status: ``ok``, ``warning`` (works, but a
-guarantee is weaker: say what to install) or ``blocker`` (the product cannot keep its
-promises here). A command prints its checks as a table or, with ``--json``, as one
-document; when something it checks does not hold it raises its own error (carrying
-the checks in ``details``), so the exit code and the one-line reason come from the
-error tree:
+guarantee is weaker: say what to install) or ``failed`` (a blocker: the product
+cannot keep its promises here). A command prints its checks as a table or, with
+``--json``, as one document; when something it checks does not hold it raises its
+own error (carrying the checks in ``details``), so the exit code and the one-line
+reason come from the error tree:
 
     doctor_blocked       exit 2   a blocking check failed
     unhealthy            exit 6   the engine or a dependency is not usable
