@@ -7,6 +7,8 @@ does. Reported: entries/s made durable, and entries/s linked end to end (from th
 first write until the chain's head holds every entry). Verify: ``verify_database``
 over the resulting chain, entries/s.
 
+Also: the same verification on one process per core (``audit verify --workers``).
+
 Goals: append >= 20,000/s on SQLite, >= 10,000/s on PostgreSQL; verify >= 200,000/s.
 Prints numbers; asserts nothing. ``--quick`` runs a small size for ``make bench``.
 
@@ -26,7 +28,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from requiem import settings
-from requiem.control import audit, audit_chain
+from requiem.control import audit, audit_chain, audit_service
 from requiem.control.audit_keys import AuditSigner
 from requiem.control.audit_verify import verify_database
 from requiem.store.bootstrap import ensure_schema
@@ -94,8 +96,15 @@ def bench_backend(name: str, url: str, entries: int, writers: int, batch: int) -
     durable_at = durable_at or finished
 
     verify_started = time.perf_counter()
+    cpu_started = time.process_time()
     result = verify_database(sessions, signer.public_key)
     verify_s = time.perf_counter() - verify_started
+    verify_cpu = time.process_time() - cpu_started
+    parallel_started = time.perf_counter()
+    audit_service.verify(
+        sessions, signer.public_key, workers=os.cpu_count() or 1, parallel_min=1
+    )
+    parallel_s = time.perf_counter() - parallel_started
     engine.dispose()
 
     print(
@@ -105,7 +114,9 @@ def bench_backend(name: str, url: str, entries: int, writers: int, batch: int) -
     )
     print(
         f"{name:10s} verify: {result.checked} entries, {result.checkpoints} "
-        f"checkpoints in {verify_s:.2f} s: {result.checked / verify_s:,.0f}/s"
+        f"checkpoints in {verify_s:.2f} s: {result.checked / verify_s:,.0f}/s "
+        f"(one process; {result.checked / verify_cpu:,.0f}/s of its CPU time); "
+        f"{os.cpu_count()} processes: {result.checked / parallel_s:,.0f}/s"
     )
 
 
