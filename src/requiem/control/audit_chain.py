@@ -163,7 +163,10 @@ def lock_chain(session: Session) -> None:
     """Become the only linker until ``session``'s transaction ends."""
     connection = session.connection()
     if connection.dialect.name == "sqlite":
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # An open SQLite transaction here already wrote (or began IMMEDIATE, as
+        # engines built for migrations do), so it holds the write lock.
+        if not connection.connection.dbapi_connection.in_transaction:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
     else:
         connection.execute(
             text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY}
