@@ -20,6 +20,7 @@ from pathlib import Path
 
 from requiem import digest as dg
 from requiem import log
+from requiem.cas.files import fsync_dir
 from requiem.cas.store import LocalCAS
 from requiem.engine.models import ExecutionResult
 from requiem.errors import RequiemError
@@ -73,8 +74,4 @@ def store(cas: LocalCAS, key: str, result_blob: str) -> None:
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)

@@ -139,10 +139,13 @@ class Engine:
         if lookup and (hit := cache.lookup(self.cas, key)):
             _log.info("engine.cache_hit", request_digest=request_digest)
             return hit.model_copy(update={"request_id": request.request_id})
+        # Every object of the run is written without its own fsync; one
+        # filesystem sync makes them durable before the cache entry names them.
         request_blob = self.cas.put_bytes(
             dg.canonical_json(
                 {"kind": "requiem.request", "request": normal.canonical()}
-            )
+            ),
+            durable=False,
         )
 
         # Held until the result is in the cache, so an identical request that
@@ -163,8 +166,8 @@ class Engine:
                 update={"request_id": request.request_id, "request_blob": request_blob}
             )
 
+            blob = self.cas.put_bytes(dg.canonical_json(result.stored()), durable=False)
             self.cas.sync()
-            blob = self.cas.put_bytes(dg.canonical_json(result.stored()))
             if store and _cacheable(normal, result):
                 cache.store(self.cas, key, blob)
         _log.info(
@@ -271,6 +274,7 @@ class Engine:
             root = str(place.workspace)
             child_cwd = str(place.workspace / request.cwd)
             home, tmpdir = root, str(place.tmp)
+            place.tmp.mkdir(mode=0o700)
         host_cwd = place.workspace / request.cwd
         if host_cwd.exists() and not host_cwd.is_dir():
             msg = f"cwd {request.cwd!r} is an input file, not a directory"
@@ -295,11 +299,10 @@ class Engine:
             wrapper = sandbox.prlimit_argv(caps.prlimit_path, **limits)
 
         if sandboxed:
-            sandbox.synthetic_etc(place.etc)
             argv = sandbox.bwrap_argv(
                 str(caps.bwrap_path),
                 workspace=place.workspace,
-                etc_dir=place.etc,
+                etc_dir=sandbox.synthetic_etc(place.base),
                 network=policy.network == "host",
                 ro_paths=policy.ro_paths,
                 faketime=faketime,
@@ -356,6 +359,7 @@ class Engine:
                 marker=None
                 if launch.applied["bubblewrap"]
                 else f"HOME={place.workspace}",
+                isolated=launch.applied["bubblewrap"],
             )
         else:
             empty = self.cas.put_bytes(b"", durable=False)

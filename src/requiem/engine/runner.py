@@ -9,12 +9,14 @@ killed, so nothing outlives the run or keeps writing to its workspace. Descendan
 are found without cgroups, by reading ``/proc``: the child's process group and
 session, every process whose parent chain leads to it, and every process whose
 environment carries the run's marker (its unique ``HOME``), which catches a
-grandchild that called ``setsid`` and was re-parented to init. Under bubblewrap the
-PID namespace does the same job on its own; the scan is a second net.
+grandchild that called ``setsid`` and was re-parented to init. Under bubblewrap
+the PID namespace does the same job on its own (bwrap runs with
+``--die-with-parent``), so no scan is needed there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -108,8 +110,14 @@ def run_process(
     cas: LocalCAS,
     preview_bytes: int,
     marker: str | None,
+    isolated: bool,
 ) -> Completed:
-    """Run ``argv`` to completion or timeout; never raises for the child's sake."""
+    """Run ``argv`` to completion or timeout; never raises for the child's sake.
+
+    ``isolated`` says ``argv`` starts bubblewrap with a PID namespace, which takes
+    every process of the run with it; otherwise leftovers are found in ``/proc``
+    (see :func:`kill_tree`, ``marker``).
+    """
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -147,9 +155,18 @@ def run_process(
     threading.Thread(target=_await_exit, args=(proc.pid, exited), daemon=True).start()
 
     timed_out = not exited.wait(timeout_ms / 1000)
-    killed = kill_tree(proc.pid, marker)
-    exited.wait()
-    killed += kill_tree(proc.pid, marker)
+    killed = 0
+    if isolated:
+        # bwrap's PID namespace dies with it (--die-with-parent): nothing to scan.
+        if timed_out:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        exited.wait()
+    else:
+        if timed_out:
+            kill_tree(proc.pid, marker)
+        exited.wait()
+        killed = kill_tree(proc.pid, marker)
     killed += _drain(readers, proc.pid, marker)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)

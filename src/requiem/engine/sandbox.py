@@ -25,11 +25,13 @@ import glob
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from requiem import digest as dg
 from requiem.settings import Settings
 
 SANDBOX_WORKSPACE = "/workspace"
@@ -260,17 +262,33 @@ def prlimit_argv(
     return [*argv, "--"]
 
 
-def synthetic_etc(etc_dir: Path) -> None:
-    """Files that would otherwise tell the child about the host's users and name."""
-    etc_dir.mkdir(parents=True, exist_ok=True)
-    uid = SANDBOX_UID
-    files = {
-        "passwd": f"requiem:x:{uid}:{uid}:requiem:{SANDBOX_WORKSPACE}:/bin/sh\n"
-        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-        "group": f"requiem:x:{uid}:\nnogroup:x:65534:\n",
-        "hostname": f"{SANDBOX_HOSTNAME}\n",
-        "hosts": f"127.0.0.1\tlocalhost {SANDBOX_HOSTNAME}\n::1\tlocalhost\n",
-        "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
-    }
-    for name, text in files.items():
-        (etc_dir / name).write_text(text)
+SYNTHETIC_ETC = {
+    "passwd": f"requiem:x:{SANDBOX_UID}:{SANDBOX_UID}:requiem:{SANDBOX_WORKSPACE}:"
+    "/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+    "group": f"requiem:x:{SANDBOX_UID}:\nnogroup:x:65534:\n",
+    "hostname": f"{SANDBOX_HOSTNAME}\n",
+    "hosts": f"127.0.0.1\tlocalhost {SANDBOX_HOSTNAME}\n::1\tlocalhost\n",
+    "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files dns\n",
+}
+
+
+def synthetic_etc(work_dir: Path) -> Path:
+    """The directory of files that stand in for the host's user and name files.
+
+    Their content never changes, so they are written once per work directory
+    (into a temporary directory renamed into place) and bound read-only into
+    every sandbox.
+    """
+    digest = dg.of_bytes(dg.canonical_json(SYNTHETIC_ETC))[:16]
+    etc_dir = work_dir / f".etc-{digest}"
+    if etc_dir.is_dir():
+        return etc_dir
+    staging = Path(tempfile.mkdtemp(dir=work_dir, prefix=".etc-staging-"))
+    for name, text in SYNTHETIC_ETC.items():
+        (staging / name).write_text(text)
+    os.chmod(staging, 0o755)
+    try:
+        os.rename(staging, etc_dir)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another run won the race
+    return etc_dir

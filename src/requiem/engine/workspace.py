@@ -129,12 +129,16 @@ def materialise(
 
 @dataclass(frozen=True)
 class Scratch:
-    """One run's private directories on the host."""
+    """One run's private directories on the host.
 
+    ``tmp`` is created only for runs outside the sandbox (inside, ``/tmp`` is a
+    fresh tmpfs); ``base`` is the work directory that holds every scratch.
+    """
+
+    base: Path
     root: Path
     workspace: Path
     tmp: Path
-    etc: Path
 
 
 @contextmanager
@@ -150,10 +154,8 @@ def scratch(base: Path, key: str) -> Iterator[Scratch]:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         root = base / key
         shutil.rmtree(root, ignore_errors=True)
-        place = Scratch(root, root / "ws", root / "tmp", root / "etc")
-        for directory in (place.workspace, place.tmp, place.etc):
-            directory.mkdir(parents=True)
-        os.chmod(place.tmp, 0o700)
+        place = Scratch(base, root, root / "ws", root / "tmp")
+        place.workspace.mkdir(parents=True)
         try:
             yield place
         finally:
