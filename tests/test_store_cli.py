@@ -348,3 +348,31 @@ def test_colon_alias_in_a_real_process(cli, database_url: str) -> None:
 
     assert result.code == 0, result.stderr
     assert result.stdout.startswith("ok ")
+
+
+def test_pool_commands_against_a_running_server(run, home) -> None:
+    """status, leaks, drain and reset reach a real `requiem serve` and show its pool."""
+    from live_keys import make_key
+    from live_server import start
+
+    server = start(home)
+    try:
+        key = make_key(server.env, "ops", "admin", operator=True)
+        env = {"REQUIEM_URL": server.url, "REQUIEM_API_KEY": key}
+
+        status = run("db", "pool", "status", "--json", env=env)
+        leaks = run("db", "pool", "leaks", "--threshold-s", "3600", env=env)
+        drained = run("db", "pool", "drain", "--timeout", "5", "--json", env=env)
+        reset = run("db:pool:reset", "--json", env=env)
+        refused = run("db", "pool", "status", env={**env, "REQUIEM_API_KEY": "nope"})
+    finally:
+        server.stop()
+
+    assert status.code == 0, status.stderr
+    assert {"size", "checked_out", "waiters", "checkouts_total"} <= set(_json(status))
+    assert leaks.code == 0
+    assert leaks.stdout.startswith("no connection held longer than 3600 s")
+    assert drained.code == 0, drained.stderr
+    assert _json(drained)["drained"] is True
+    assert _json(reset)["draining"] is False
+    assert refused.code == 7

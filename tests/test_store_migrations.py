@@ -15,6 +15,7 @@ from requiem.store import db, migrate, revisions
 from requiem.store.bootstrap import ensure_schema
 from requiem.store.errors import (
     ChecksumMismatch,
+    DatabaseRevisionUnknown,
     MigrationFailed,
     RevisionNotFailed,
     RollbackOutOfRange,
@@ -347,3 +348,38 @@ def test_run_rows_hold_who_where_and_how_long(
     assert row["to_revision"] == revisions.head()
     assert row["duration_ms"] >= 0
     assert row["actor"]
+
+
+def test_timeout_bounds_lock_waits_on_postgres(postgres_url: str) -> None:
+    """--timeout: a revision waiting on another session's table lock fails in time."""
+    import psycopg
+
+    engine = db.make_engine(settings.load(), postgres_url)
+    migrate.Migrator(engine, settings.load()).upgrade("003")
+    holder = psycopg.connect(postgres_url)
+    holder.execute("LOCK TABLE cas_ownership IN ACCESS EXCLUSIVE MODE")
+    try:
+        with pytest.raises(MigrationFailed) as failed:
+            migrate.Migrator(engine, settings.load(), timeout_s=1).upgrade()
+    finally:
+        holder.rollback()
+        holder.close()
+    status = migrate.Migrator(engine, settings.load()).status()
+    engine.dispose()
+
+    assert "timeout" in failed.value.message  # lock_timeout or statement_timeout
+    assert status["current"] == "003"
+    assert status["failed"] == ["004"]
+
+
+def test_database_ahead_of_this_code_is_refused(engine: Engine) -> None:
+    """A revision id the code does not know: database_revision_unknown, not a guess."""
+    ensure_schema(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '999'"))
+
+    with pytest.raises(DatabaseRevisionUnknown) as ahead:
+        ensure_schema(engine)
+
+    assert ahead.value.code == "database_revision_unknown"
+    assert ahead.value.exit_code == 8

@@ -419,7 +419,7 @@ def pool_drain(
 ) -> None:
     """Stop new checkouts and wait for connections to come back."""
     client = ApiClient.from_settings(settings.load(), timeout=timeout + 10)
-    result = client.post("/api/admin/db/pool/drain", json={"timeout_s": timeout})
+    result = client.post("/api/admin/db/pool/drain", params={"timeout_s": timeout})
     _show(result, as_json)
     if isinstance(result, dict) and result.get("drained") is False:
         raise typer.Exit(8)
