@@ -1,10 +1,10 @@
-"""Running the schema's revisions: upgrade, rollback, resolve, and their plans.
+"""Running the schema's revisions: upgrade, rollback, resolve, unlock, status, log.
 
 Alembic applies the revisions (``store/migrations``); this module wraps each run in
 what operators need around it: the migration lock, a run log with each revision
 file's checksum, a refusal to run over a revision whose file changed since it was
 applied, a backup of an SQLite file before its schema changes, an audit entry, and a
-plan (``--dry-run``) or an estimate (``--estimate``) without touching anything.
+plan (``--dry-run``) or an estimate (``--estimate``, both in :mod:`requiem.store.plan`).
 
 Revision ids are ``001``, ``002`` … in one straight line, so "rollback to 002" means
 what it says. Each revision runs in its own transaction (on SQLite too, see
@@ -425,10 +425,6 @@ class Migrator:
             if not inspect(conn).has_table(runs_table.name):
                 return []
             return history.runs(conn, last)
-
-    def _read(self, fn):  # noqa: ANN001, ANN202
-        with db.connected(self.engine) as conn:
-            return fn(conn)
 
     # -- around a run --------------------------------------------------------
 
