@@ -123,6 +123,7 @@ def test_exec_run_writes_a_result_that_replays_and_verifies(home: Path, tmp_path
         "stdout",
         "stderr",
         "output:f",
+        "request_blob",
         "result_blob",
     ]
     assert all(c["ok"] for c in checks)

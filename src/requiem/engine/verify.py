@@ -89,6 +89,13 @@ def checks_for(result: ExecutionResult, cas: LocalCAS) -> list[Check]:
     ]
     for path, digest in sorted(result.output_digests.items()):
         checks.append(_object_check(cas, f"output:{path}", digest))
+    if result.request_blob is not None:
+        blob = _object_check(cas, "request_blob", result.request_blob)
+        if blob.ok:
+            stored = dg.parse_json(cas.get_bytes(result.request_blob))
+            if stored != {"kind": "requiem.request", "request": result.request}:
+                blob = Check("request_blob", False, "stored request differs from file")
+        checks.append(blob)
     if result.result_blob is not None:
         blob = _object_check(cas, "result_blob", result.result_blob)
         if blob.ok:
