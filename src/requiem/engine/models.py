@@ -45,8 +45,8 @@ MAX_OUTPUTS = 256
 MAX_PREVIEW_BYTES = 16 << 20
 MAX_TIMEOUT_MS = 24 * 3600 * 1000
 REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# An environment name, or a glob over names in env_allow/env_deny/env_required.
 ENV_NAME = re.compile(r"[^=\x00]{1,256}")
-ENV_PATTERN = re.compile(r"[^=\x00]{1,256}")
 # Mount points the sandbox makes itself; a read-only host path may not cover them.
 SANDBOX_OWNED = ("/workspace", "/proc", "/dev", "/tmp", "/etc")
 
@@ -82,7 +82,7 @@ class Policy(BaseModel):
         if value is None:
             return None
         for name in value:
-            if not ENV_PATTERN.fullmatch(name):
+            if not ENV_NAME.fullmatch(name):
                 msg = f"environment name or pattern {name[:80]!r} is not valid"
                 raise ValueError(msg)
         return sorted(set(value))
