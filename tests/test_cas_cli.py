@@ -94,17 +94,30 @@ def test_put_of_a_missing_file(cli, tmp_path: Path) -> None:
     ],
 )
 def test_get_of_a_bad_or_unknown_digest(
-    cli, digest: str, code: str, exit_code: int
+    requiem, digest: str, code: str, exit_code: int
 ) -> None:
-    result = cli("cas", "get", digest)
+    result = requiem("cas", "get", digest)
 
     assert result.code == exit_code
-    assert result.stdout == ""
+    assert result.stdout == b""
     assert _error_line(result.stderr).startswith(f"requiem: error[{code}]:")
 
 
+def test_errors_through_the_installed_command(cli) -> None:
+    """The same codes and exits from a real process, stdout left empty."""
+    bad = cli("cas", "get", "not-a-digest")
+    unknown = cli("cas", "get", "0" * 64)
+
+    assert (bad.code, unknown.code) == (2, 3)
+    assert bad.stdout == unknown.stdout == ""
+    assert _error_line(bad.stderr).startswith("requiem: error[invalid_digest]:")
+    assert _error_line(unknown.stderr).startswith(
+        "requiem: error[cas_object_not_found]:"
+    )
+
+
 def test_get_of_a_corrupt_object_emits_nothing(
-    cli, cas: LocalCAS, tmp_path: Path
+    cli, requiem, cas: LocalCAS, tmp_path: Path
 ) -> None:
     digest = cas.put_bytes(os.urandom(3 << 20))
     blob = cas.blob_path(digest)
@@ -113,7 +126,7 @@ def test_get_of_a_corrupt_object_emits_nothing(
     blob.write_bytes(bytes(damaged))
 
     to_stdout = cli("cas", "get", digest)
-    to_file = cli("cas", "get", digest, "-o", str(tmp_path / "out"))
+    to_file = requiem("cas", "get", digest, "-o", str(tmp_path / "out"))
 
     assert (to_stdout.code, to_file.code) == (4, 4)
     assert to_stdout.stdout == ""
