@@ -87,9 +87,16 @@ def _problems(
     Reading and hashing release the GIL, so a few threads keep the disk and the
     cores busy; the window bounds how many digests are held at once.
     """
+
+    def check_slice(part: list[str]) -> list[str | None]:
+        return [cas.problem(digest) for digest in part]
+
+    step = WINDOW // WORKERS  # one task per slice: a future per object costs more
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         while window := list(itertools.islice(digests, WINDOW)):
-            yield from zip(window, pool.map(cas.problem, window), strict=True)
+            slices = [window[i : i + step] for i in range(0, len(window), step)]
+            found = itertools.chain.from_iterable(pool.map(check_slice, slices))
+            yield from zip(window, found, strict=True)
 
 
 def verify(
