@@ -22,6 +22,13 @@ def make_key(
     env: dict[str, str], tenant: str, role: str, *, operator: bool = False
 ) -> str:
     """A new key for ``tenant`` (created first if it does not exist yet)."""
+    return make_key_with_id(env, tenant, role, operator=operator)[0]
+
+
+def make_key_with_id(
+    env: dict[str, str], tenant: str, role: str, *, operator: bool = False
+) -> tuple[str, str]:
+    """A new key for ``tenant`` and the key's id."""
     config, engine, factory = _factory(env)
     try:
         with transaction(factory) as session:
@@ -30,7 +37,7 @@ def make_key(
             except tenants.TenantNotFound:
                 tenants.create(session, tenant, is_operator=operator, actor="test")
         with transaction(factory) as session:
-            key, _row = credentials.generate(
+            key, row = credentials.generate(
                 session,
                 config.secret_key,
                 tenant=tenant,
@@ -38,7 +45,7 @@ def make_key(
                 name=f"{tenant}-{role}",
                 actor="test",
             )
-        return key
+        return key, row.id
     finally:
         engine.dispose()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-STARTUP_TIMEOUT_S = 30.0
+STARTUP_TIMEOUT_S = 90.0
 
 
 def free_port() -> int:
@@ -100,7 +100,7 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=180,
         check=False,
     )
 

@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from live_keys import make_key, set_budget
 from live_server import Server, start
 
-MAX_EXAMPLES = 20
+MAX_EXAMPLES = 15
 
 
 @pytest.fixture(scope="module")

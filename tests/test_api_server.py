@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from live_keys import make_key, set_budget, set_tenant_status
+from live_keys import make_key, make_key_with_id, set_budget, set_tenant_status
 from live_server import Server, cli, start
 
 SLEEP = "/bin/sleep"
@@ -106,12 +106,9 @@ def test_wrong_key_is_401_invalid_api_key(server: Server):
 
 
 def test_revoked_key_is_401_api_key_revoked(server: Server):
-    name = tenant_name("rev")
-    key = make_key(server.env, name, "viewer")
+    key, key_id = make_key_with_id(server.env, tenant_name("rev"), "viewer")
     with server.client(key) as client:
         assert client.get("/api/v1/executions").status_code == 200
-        listed = cli(server.env, "api-key", "list", "--tenant", name, "--json")
-        key_id = json.loads(listed.stdout)[0]["id"]
 
         revoked = cli(server.env, "api-key", "revoke", "--id", key_id)
         assert revoked.returncode == 0, revoked.stderr
@@ -338,7 +335,6 @@ def test_status_and_flags_commands_talk_to_the_server(server: Server):
     env = {**server.env, "REQUIEM_URL": server.url, "REQUIEM_API_KEY": admin}
 
     status = cli(env, "status", "--json")
-    flag = cli(env, "flags", "get", "maintenance", "--json")
     unknown = cli(env, "flags", "set", "no_such_flag", "true")
 
     assert status.returncode == 0, status.stderr
@@ -348,7 +344,6 @@ def test_status_and_flags_commands_talk_to_the_server(server: Server):
         "execution_pause": False,
         "maintenance": False,
     }
-    assert json.loads(flag.stdout)["name"] == "maintenance"
     assert unknown.returncode == 3
     assert "error[unknown_flag]" in unknown.stderr
 

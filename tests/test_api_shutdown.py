@@ -21,7 +21,7 @@ from requiem.store.db import make_engine, session_factory
 from requiem.store.models import AuditEntry, Execution
 
 
-def wait_for(predicate, timeout: float = 20.0) -> None:
+def wait_for(predicate, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

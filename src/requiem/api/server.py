@@ -151,7 +151,10 @@ def serve(host: str, port: int, workers: int, grace_s: float, log_level: str) ->
     for process in processes:
         process.join()
     sock.close()
-    failed = [p.exitcode for p in processes if p.exitcode not in (0, None)]
+    # A worker stopped by the signal before it installed its handlers is not a failure.
+    failed = [
+        p.exitcode for p in processes if p.exitcode not in (0, None, -signal.SIGTERM)
+    ]
     return 0 if not failed else 1
 
 
