@@ -182,6 +182,14 @@ def test_flush_then_status_and_pending_show_the_head(live: Live):
     assert status["flusher"]["running"] is True
     assert verified["ok"] is True
     assert verified["head_seq"] >= flushed["head_seq"]
+    exposed = live.call("GET", "/api/metrics", None).text
+    for name in (
+        "requiem_audit_pending ",
+        "requiem_audit_lag_seconds ",
+        "requiem_audit_entries_total ",
+        "requiem_audit_verify_failures_total ",
+    ):
+        assert f"\n{name}" in exposed, name
 
 
 def test_secrets_sent_over_http_never_reach_the_audit_log(live: Live, cli):
