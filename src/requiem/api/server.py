@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import resource
 import signal
 import socket
 import threading
@@ -34,6 +35,7 @@ logger = log.get("requiem.serve")
 APP = "requiem.api.app:app_from_environment"
 PROCESS_NAME = b"requiem"
 PR_SET_NAME = 15
+RESERVED_FDS = 256
 
 
 def name_process() -> None:
@@ -104,6 +106,21 @@ class GracefulServer(uvicorn.Server):
         kill_children()
 
 
+def connection_limit() -> int:
+    """Connections one process accepts: most of its file descriptors, never all.
+
+    The soft descriptor limit is first raised to the hard one. Beyond the returned
+    number uvicorn answers 503 at once instead of accepting, so a flood of
+    connections cannot exhaust the descriptors the database, the CAS and the
+    executions need.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return max(64, int(soft * 0.75) - RESERVED_FDS)
+
+
 def _config(host: str, port: int, grace_s: float, log_level: str) -> uvicorn.Config:
     return uvicorn.Config(
         APP,
@@ -115,6 +132,7 @@ def _config(host: str, port: int, grace_s: float, log_level: str) -> uvicorn.Con
         timeout_graceful_shutdown=grace_s,
         lifespan="on",
         server_header=False,
+        limit_concurrency=connection_limit(),
     )
 
 

@@ -239,15 +239,17 @@ class Service:
         details = {"reason": exc.code, "source_ip": source_ip}
         if "key_id" in exc.details:
             details["key_id"] = exc.details["key_id"]
-        audit.record(
-            self.sessions,
-            "auth.failure",
-            actor=None,
-            target=exc.details.get("key_id"),
-            outcome="failure",
-            source="api",
-            request_id=request_id,
-            details=details,
+        self.executions.writer.write(
+            lambda session: audit.record(
+                session,
+                "auth.failure",
+                actor=None,
+                target=exc.details.get("key_id"),
+                outcome="failure",
+                source="api",
+                request_id=request_id,
+                details=details,
+            )
         )
 
     # -- health ------------------------------------------------------------------
