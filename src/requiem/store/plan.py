@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import re
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 from alembic import command
@@ -46,8 +48,10 @@ _STATEMENT_END = re.compile(r";\s*$", re.MULTILINE)
 def dry_run(engine: Engine, target: str = "head") -> tuple[list[str], str]:
     """The revisions from the current one to ``target`` and their SQL."""
     target = head() if target == "head" else known(target)
-    with db.connected(engine) as conn:
-        current = current_revision(conn)
+    current = None
+    if not _absent_sqlite_file(engine):  # do not create the file to read nothing
+        with db.connected(engine) as conn:
+            current = current_revision(conn)
     plan = list(chain()[position(current) + 1 : position(target) + 1])
     if not plan:
         return plan, ""
@@ -60,9 +64,12 @@ def estimate(
     """Per pending revision: tables it creates and touches, rows, a duration guess."""
     plan, _ = dry_run(engine, target)
     rows: list[dict[str, Any]] = []
-    with db.connected(engine) as conn:
-        existing = set(inspect(conn).get_table_names())
-        previous = current_revision(conn)
+    if not plan:
+        return rows
+    absent = _absent_sqlite_file(engine)
+    with nullcontext() if absent else db.connected(engine) as conn:
+        existing = set() if conn is None else set(inspect(conn).get_table_names())
+        previous = None if conn is None else current_revision(conn)
         for revision in plan:
             sql = _offline_sql(engine, previous, revision)
             previous = revision
@@ -106,3 +113,8 @@ def _offline_sql(engine: Engine, start: str | None, end: str) -> str:
 def _row_count(conn: Connection, table: str) -> int:
     quoted = conn.dialect.identifier_preparer.quote(table)
     return int(conn.execute(text(f"SELECT count(*) FROM {quoted}")).scalar_one())
+
+
+def _absent_sqlite_file(engine: Engine) -> bool:
+    url = engine.url
+    return url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file()
