@@ -82,6 +82,23 @@ def stored(sessions, seq: int) -> dict:
         return audit_query.stored_fields(row)
 
 
+def hash_of(row: AuditEntry) -> str:
+    """The hash ``row`` should carry for its current fields and ``prev_hash``."""
+    return audit_chain.entry_hash(
+        row.seq,
+        row.prev_hash,
+        audit_chain.ts_text(row.ts),
+        row.actor,
+        row.tenant_id,
+        row.action,
+        row.target,
+        row.outcome,
+        row.source,
+        row.request_id,
+        row.details,
+    )
+
+
 def rehash_from(sessions, seq: int) -> None:
     """What an attacker with write access does: recompute every hash after ``seq``."""
     with sessions() as session, session.begin():
@@ -91,20 +108,7 @@ def rehash_from(sessions, seq: int) -> None:
         rows = session.query(AuditEntry).filter(AuditEntry.seq >= seq)
         for row in rows.order_by(AuditEntry.seq):
             row.prev_hash = prev
-            row.hash = audit_chain.entry_hash(
-                row.seq,
-                prev,
-                audit_chain.ts_text(row.ts),
-                row.actor,
-                row.tenant_id,
-                row.action,
-                row.target,
-                row.outcome,
-                row.source,
-                row.request_id,
-                row.details,
-            )
-            prev = row.hash
+            row.hash = prev = hash_of(row)
 
 
 texts = st.one_of(st.none(), st.text(max_size=20))
@@ -273,20 +277,8 @@ def test_an_edit_with_its_own_hash_recomputed_is_a_broken_link(sqlite_sessions):
     run_sql(
         sqlite_sessions, "UPDATE audit_entries SET outcome = 'failure' WHERE seq = 3"
     )
-    row = stored(sqlite_sessions, 3)
-    fixed = audit_chain.entry_hash(
-        3,
-        row["prev_hash"],
-        audit_chain.ts_text(row["ts"]),
-        row["actor"],
-        row["tenant_id"],
-        row["action"],
-        row["target"],
-        row["outcome"],
-        row["source"],
-        row["request_id"],
-        row["details"],
-    )
+    with sqlite_sessions() as session:
+        fixed = hash_of(session.get(AuditEntry, 3))
 
     run_sql(
         sqlite_sessions, "UPDATE audit_entries SET hash = :h WHERE seq = 3", h=fixed
@@ -539,19 +531,7 @@ def test_a_parallel_walk_catches_a_rehashed_span_at_its_border(sqlite_sessions):
     )
     with sqlite_sessions() as session, session.begin():
         row = session.get(AuditEntry, 11)
-        row.hash = audit_chain.entry_hash(
-            11,
-            row.prev_hash,
-            audit_chain.ts_text(row.ts),
-            row.actor,
-            row.tenant_id,
-            row.action,
-            row.target,
-            row.outcome,
-            row.source,
-            row.request_id,
-            row.details,
-        )
+        row.hash = hash_of(row)
     rehash_from(sqlite_sessions, 12)
 
     with pytest.raises(AuditChainBroken) as caught:
