@@ -152,8 +152,13 @@ def _print_status(document: dict[str, Any]) -> None:
         for key in ("active_requests", "executions_running", "executions_queued"):
             if key in server:
                 rows[key.replace("_", " ")] = server[key]
-        if server.get("pool"):
-            rows["pool"] = server["pool"]
+        pool = server.get("pool")
+        if pool:
+            rows["pool"] = (
+                f"{pool['checked_out']}/{pool['size']} checked out, "
+                f"overflow {pool['overflow']}, waiters {pool['waiters']}"
+                + (", draining" if pool["draining"] else "")
+            )
     elif document["reachable"]:
         rows["details"] = server["error"].get("message")
     output.key_values(rows)
