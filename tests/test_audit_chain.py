@@ -348,6 +348,17 @@ def test_cutting_the_tail_below_a_checkpoint_is_truncated(database_url: str, sig
     assert (exc.seq, exc.damage) == (10, "truncated")
 
 
+def test_cutting_the_tail_past_the_last_checkpoint_is_truncated(sqlite_sessions):
+    """No checkpoint covers entries 9-12, but the last flush had linked them."""
+    fill(sqlite_sessions, 12)
+    link(sqlite_sessions)
+
+    run_sql(sqlite_sessions, "DELETE FROM audit_entries WHERE seq > 8")
+
+    exc = broken(sqlite_sessions)
+    assert (exc.seq, exc.damage) == (9, "truncated")
+
+
 def test_rewriting_every_hash_after_an_edit_is_caught_by_a_checkpoint(
     database_url: str, signer
 ):

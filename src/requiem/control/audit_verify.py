@@ -28,7 +28,7 @@ from requiem.control import audit_chain
 from requiem.control.audit_chain import GENESIS, AuditChainBroken, entry_hash, ts_text
 from requiem.control.audit_keys import Checkpoint, parse_public_pem, signature_valid
 from requiem.errors import FileMissing, InvalidInput, RequiemError
-from requiem.store.models import AuditCheckpoint, AuditEntry
+from requiem.store.models import AuditCheckpoint, AuditEntry, AuditRun
 
 _COLUMNS = (
     "seq, ts, actor, tenant_id, action, target, outcome, source, request_id, "
@@ -195,7 +195,8 @@ def verify_database(
     report = VerifyReport(signatures_checked=key is not None)
     with factory() as session, session.begin():
         prev, checkpoints = prepare(session, key, from_seq, against)
-        return walk(
+        flushed = flushed_head(session)
+        walk(
             _rows(session, from_seq),
             start_seq=from_seq,
             prev_hash=prev,
@@ -203,6 +204,25 @@ def verify_database(
             key=key,
             report=report,
         )
+    check_not_shorter(report.head_seq, flushed)
+    return report
+
+
+def flushed_head(session: Session) -> int:
+    """The head the latest flush left (read before the walk, so never ahead of it)."""
+    run = session.get(AuditRun, "flush")
+    return 0 if run is None else int(run.head_seq)
+
+
+def check_not_shorter(head: int, flushed: int) -> None:
+    """A chain shorter than a flush once made it lost its tail.
+
+    This catches entries deleted after the latest checkpoint unless whoever deleted
+    them also rewrote the flush record; a checkpoint kept elsewhere catches both.
+    """
+    if flushed > head:
+        msg = f"the chain ends at {head} but a flush had linked entries up to {flushed}"
+        raise _broken(head + 1, "truncated", msg)
 
 
 def prepare(

@@ -22,7 +22,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from requiem import settings
 from requiem.control.audit_chain import AuditChainBroken
 from requiem.control.audit_keys import Checkpoint
-from requiem.control.audit_verify import VerifyReport, _rows, prepare, walk
+from requiem.control.audit_verify import (
+    VerifyReport,
+    _rows,
+    check_not_shorter,
+    flushed_head,
+    prepare,
+    walk,
+)
 from requiem.store.db import make_engine, session_factory
 from requiem.store.models import AuditEntry
 
@@ -105,6 +112,7 @@ def verify(
         if workers < 2 or head - from_seq + 1 < parallel_min:
             return None
         prev, checkpoints = prepare(session, key, from_seq, against)
+        flushed = flushed_head(session)
         url = session.get_bind().url.render_as_string(hide_password=False)
     key_raw = None
     if key is not None:
@@ -157,6 +165,7 @@ def verify(
             f"to {max(beyond)} but the chain ends at {head}"
         )
         raise AuditChainBroken(msg, seq=head + 1, damage="truncated")
+    check_not_shorter(head, flushed)
     report.head_seq = head
     report.head_hash = ended or prev
     return report
