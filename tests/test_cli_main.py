@@ -76,3 +76,34 @@ def test_digest_without_input_is_a_usage_error(cli):
 
     assert result.code == 2
     assert "error[usage_error]" in result.stderr
+
+
+def test_lazy_command_table_matches_what_modules_register():
+    """Every module's commands are in the table, and the table names nothing else."""
+    from requiem.cli.main import COMMAND_MODULES, module_commands
+
+    registered = {}
+    for module_name in set(COMMAND_MODULES.values()):
+        for name in module_commands(module_name):
+            registered[name] = module_name
+
+    assert registered == COMMAND_MODULES
+
+
+def test_a_light_command_does_not_import_the_database_layer(cli):
+    """`requiem digest` stays quick: SQLAlchemy and the engine load only when used."""
+    code = (
+        "import sys; sys.argv = ['requiem', 'digest', '--stdin'];"
+        "import requiem.cli.main as m\n"
+        "try:\n    m.main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(n for n in ('sqlalchemy', 'alembic', 'requiem.engine') "
+        "if n in sys.modules), file=sys.stderr)"
+    )
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", code], input=b"", capture_output=True, check=False
+    )
+
+    assert proc.stderr.decode().strip() == "[]"

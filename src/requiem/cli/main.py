@@ -9,26 +9,64 @@ accepted as an alias of the spaced one.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from requiem import log, settings
-from requiem.cli import (
-    audit_cmd,
-    cas_cmd,
-    db_cmd,
-    digest_cmd,
-    engine_cmd,
-    env_cmd,
-    ops_cmd,
-    service_cmd,
-)
 from requiem.errors import RequiemError
+
+# Top-level command → the module under requiem.cli that registers it. A module is
+# imported only when one of its commands runs (or for --help), so `requiem digest`
+# does not pay for importing the engine, SQLAlchemy and Alembic. A test keeps this
+# table equal to what the modules register.
+COMMAND_MODULES: dict[str, str] = {
+    "digest": "digest_cmd",
+    "cas": "cas_cmd",
+    "run": "engine_cmd",
+    "exec": "engine_cmd",
+    "doctor": "ops_cmd",
+    "health": "ops_cmd",
+    "verify": "ops_cmd",
+    "version": "ops_cmd",
+    "db": "db_cmd",
+    "env": "env_cmd",
+    "serve": "service_cmd",
+    "status": "service_cmd",
+    "flags": "service_cmd",
+    "tenant": "service_cmd",
+    "api-key": "service_cmd",
+    "audit": "audit_cmd",
+}
+
+
+def module_commands(module_name: str) -> dict[str, Any]:
+    """The click commands one ``requiem.cli`` module registers, by name."""
+    module = importlib.import_module(f"requiem.cli.{module_name}")
+    holder = typer.Typer()
+    holder.callback()(lambda: None)  # a callback keeps a lone command in a group
+    module.register(holder)
+    return dict(typer.main.get_command(holder).commands)  # type: ignore[attr-defined]
+
+
+class _LazyRoot(TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:
+        return sorted(COMMAND_MODULES)
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        module_name = COMMAND_MODULES.get(cmd_name)
+        if module_name is None:
+            return None
+        return module_commands(module_name).get(cmd_name)
+
 
 app = typer.Typer(
     name="requiem",
+    cls=_LazyRoot,
     help="Run commands so the same request always gives the same, provable answer.",
     no_args_is_help=True,
     add_completion=False,
@@ -43,19 +81,6 @@ def _root() -> None:
 
     Global flag: --debug shows a traceback for unexpected errors.
     """
-
-
-for module in (
-    digest_cmd,
-    cas_cmd,
-    engine_cmd,
-    ops_cmd,
-    db_cmd,
-    env_cmd,
-    service_cmd,
-    audit_cmd,
-):
-    module.register(app)
 
 
 def expand_colon_alias(args: list[str]) -> list[str]:
