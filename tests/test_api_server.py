@@ -181,6 +181,16 @@ def test_workspace_root_is_refused_over_http(server: Server, operator_key: str):
     assert body["error"]["details"] == {"field": "workspace_root"}
 
 
+def test_leaving_the_sandbox_is_refused_for_ordinary_tenants(
+    server: Server, operator_key: str
+):
+    with server.client(operator_key) as client:
+        response = run(client, {"command": CAT, "policy": {"sandbox": False}})
+
+    body = assert_error(response, 400, "refused_over_http")
+    assert body["error"]["details"] == {"field": "policy.sandbox"}
+
+
 # -- executions and the CAS --------------------------------------------------------
 
 

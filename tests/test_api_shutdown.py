@@ -45,7 +45,7 @@ def test_execution_in_flight_at_sigterm_completes_is_recorded_and_exit_is_0(
         REQUIEM_QUEUE_TIMEOUT_MS="300",
         REQUIEM_SHUTDOWN_GRACE_S="20",
     )
-    key = make_key(server.env, "drain", "operator")
+    key = make_key(server.env, "drain", "operator", operator=True)
     slow = {"command": "/bin/sleep", "argv": ["2"], "policy": {"sandbox": False}}
     answers: list[httpx.Response] = []
 
@@ -84,7 +84,7 @@ def test_execution_in_flight_at_sigterm_completes_is_recorded_and_exit_is_0(
 
 def test_second_sigterm_kills_the_running_children_and_exits(tmp_path: Path):
     server = start(tmp_path, REQUIEM_SHUTDOWN_GRACE_S="60")
-    key = make_key(server.env, "force", "operator")
+    key = make_key(server.env, "force", "operator", operator=True)
     endless = {"command": "/bin/sleep", "argv": ["120"], "policy": {"sandbox": False}}
 
     def run_endless() -> None:

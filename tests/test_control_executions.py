@@ -25,6 +25,20 @@ def test_host_paths_are_refused_over_http():
     assert paths.value.details == {"field": "policy.ro_paths"}
 
 
+@pytest.mark.parametrize(
+    ("policy", "field"),
+    [({"sandbox": False}, "policy.sandbox"), ({"network": "host"}, "policy.network")],
+)
+def test_only_operator_tenants_may_leave_the_sandbox(policy, field):
+    request = ExecutionRequest.from_mapping({"command": "true", "policy": policy})
+
+    with pytest.raises(executions.RefusedOverHttp) as refused:
+        executions.refuse_host_fields(request)
+    executions.refuse_host_fields(request, trusted=True)
+
+    assert refused.value.details == {"field": field}
+
+
 @pytest.mark.parametrize("cursor", ["", "!!!", "bm90LWEtY3Vyc29y", "MjAyNnw"])
 def test_a_cursor_not_given_out_is_400_invalid_cursor(cursor):
     with pytest.raises(executions.InvalidCursor) as bad:

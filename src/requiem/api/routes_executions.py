@@ -134,6 +134,9 @@ async def create_execution(request: Request, principal: Operator) -> Any:
         document, result = await anyio.to_thread.run_sync(
             _run, service, principal, admitted, request_id
         )
+    except Exception:
+        metrics.EXECUTIONS.labels("error").inc()
+        raise
     finally:
         metrics.EXECUTIONS_RUNNING.dec()
         service.limiter.release()
@@ -212,6 +215,9 @@ async def replay_execution(
                 principal, execution_id, request_id=request_id
             )
         )
+    except Exception:
+        metrics.EXECUTIONS.labels("error").inc()
+        raise
     finally:
         metrics.EXECUTIONS_RUNNING.dec()
         service.limiter.release()

@@ -34,7 +34,7 @@ from requiem.control.credentials import Principal
 from requiem.control.group_commit import GroupCommitter
 from requiem.control.tenants import TenantNotFound, TenantSuspended
 from requiem.engine import ExecutionRequest, ExecutionResult, ReplayReport
-from requiem.engine.errors import MissingInput
+from requiem.engine.errors import MissingInput, SandboxUnavailable
 from requiem.errors import Forbidden, InvalidInput, NotFound, TooManyRequests
 from requiem.store.models import (
     Budget,
@@ -75,6 +75,8 @@ class RunsRequests(Protocol):
 
     def replay(self, result: ExecutionResult) -> ReplayReport: ...
 
+    def capabilities(self) -> Any: ...
+
 
 @dataclass(frozen=True)
 class Page:
@@ -89,14 +91,28 @@ def outcome_of(result: ExecutionResult) -> str:
     return "error" if result.error_code else "failed"
 
 
-def refuse_host_fields(request: ExecutionRequest) -> None:
-    """Fields that name paths on the server's own disk are not for remote callers."""
+def refuse_host_fields(request: ExecutionRequest, *, trusted: bool = False) -> None:
+    """Refuse what would let a remote caller reach the server's own files or network.
+
+    ``workspace_root`` and ``policy.ro_paths`` name paths on the server's disk and
+    are refused for everyone. Running without the sandbox, or with the host's
+    network, would let a command read the database, the audit signing key or
+    services on the loopback; only operator tenants (``trusted``) may ask for it.
+    """
     if request.workspace_root is not None:
         msg = "workspace_root is refused over HTTP: send inputs as CAS digests"
         raise RefusedOverHttp(msg, field="workspace_root")
     if request.policy.ro_paths:
         msg = "policy.ro_paths is refused over HTTP: it exposes the server's files"
         raise RefusedOverHttp(msg, field="policy.ro_paths")
+    if trusted:
+        return
+    if not request.policy.sandbox:
+        msg = "policy.sandbox=false is refused over HTTP except for operator tenants"
+        raise RefusedOverHttp(msg, field="policy.sandbox")
+    if request.policy.network == "host":
+        msg = "policy.network=host is refused over HTTP except for operator tenants"
+        raise RefusedOverHttp(msg, field="policy.network")
 
 
 class ExecutionService:
@@ -120,22 +136,29 @@ class ExecutionService:
         self, principal: Principal, request: ExecutionRequest
     ) -> ExecutionRequest:
         """The request as it will run for this tenant, or the reason it may not."""
-        refuse_host_fields(request)
+        refuse_host_fields(request, trusted=principal.is_operator)
+        if not principal.is_operator and not self.engine.capabilities().bwrap_works:
+            msg = "the sandbox is not working on this server; executions are refused"
+            raise SandboxUnavailable(msg)
         if request.tenant_id not in (None, principal.tenant_id):
             msg = "tenant_id in the request does not match the API key's tenant"
             raise TenantMismatch(msg)
 
         with self.sessions() as session:
-            tenant = session.get(Tenant, principal.tenant_id)
-            if tenant is None:
-                raise TenantNotFound("the API key's tenant no longer exists")
-            if tenant.status != "active":
-                msg = f"tenant {tenant.id} is suspended"
-                raise TenantSuspended(msg, reason=tenant.suspended_reason)
-            self._check_budget(session, tenant.id)
-            self._check_inputs(session, tenant.id, request.inputs.values())
+            self._check_tenant(session, principal)
+            self._check_inputs(session, principal.tenant_id, request.inputs.values())
 
         return request.model_copy(update={"tenant_id": principal.tenant_id})
+
+    def _check_tenant(self, session: Session, principal: Principal) -> None:
+        """The tenant exists, is active and has budget left."""
+        tenant = session.get(Tenant, principal.tenant_id)
+        if tenant is None:
+            raise TenantNotFound("the API key's tenant no longer exists")
+        if tenant.status != "active":
+            msg = f"tenant {tenant.id} is suspended"
+            raise TenantSuspended(msg, reason=tenant.suspended_reason)
+        self._check_budget(session, tenant.id)
 
     def _check_budget(self, session: Session, tenant_id: str) -> None:
         budget = session.get(Budget, tenant_id)
@@ -198,6 +221,7 @@ class ExecutionService:
         """Run a recorded execution again and compare every reproducible field."""
         with self.sessions() as session:
             row = self._row(session, principal.tenant_id, execution_id)
+            self._check_tenant(session, principal)
         if row.result_blob is None:
             msg = f"execution {execution_id} has no stored result to replay"
             raise ExecutionNotFound(msg, execution_id=execution_id)
