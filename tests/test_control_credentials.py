@@ -8,21 +8,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from requiem import errors, settings
+from control_fixtures import migrated_sessions  # noqa: F401 - the sessions fixture
+from requiem import errors
 from requiem.control import credentials, tenants
-from requiem.store.bootstrap import ensure_schema
-from requiem.store.db import make_engine, session_factory, transaction
+from requiem.store.db import transaction
 from requiem.store.models import ApiKey, AuditPending, utcnow
 
 SECRET = "test-pepper"
-
-
-@pytest.fixture
-def sessions(database_url: str):
-    engine = make_engine(settings.load({}), database_url)
-    ensure_schema(engine)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def new_key(sessions, role: str = "operator", **kwargs) -> tuple[str, ApiKey]:

@@ -7,19 +7,10 @@ import json
 import pytest
 from sqlalchemy import select
 
-from requiem import settings
+from control_fixtures import migrated_sessions  # noqa: F401 - the sessions fixture
 from requiem.control import flags
-from requiem.store.bootstrap import ensure_schema
-from requiem.store.db import make_engine, session_factory, transaction
+from requiem.store.db import transaction
 from requiem.store.models import AuditPending
-
-
-@pytest.fixture
-def sessions(database_url: str):
-    engine = make_engine(settings.load({}), database_url)
-    ensure_schema(engine)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def test_a_change_records_who_old_and_new(sessions):

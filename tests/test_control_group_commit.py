@@ -7,19 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import func, select
 
-from requiem import settings
+from control_fixtures import migrated_sessions  # noqa: F401 - the sessions fixture
 from requiem.control.group_commit import GroupCommitter
-from requiem.store.bootstrap import ensure_schema
-from requiem.store.db import make_engine, session_factory
 from requiem.store.models import Flag
-
-
-@pytest.fixture
-def sessions(database_url: str):
-    engine = make_engine(settings.load({}), database_url)
-    ensure_schema(engine)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def test_every_write_is_durable_and_a_bad_one_fails_alone(sessions):

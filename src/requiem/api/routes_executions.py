@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import APIRouter, Query, Request
@@ -16,7 +17,6 @@ from requiem.api.auth import Operator, Viewer
 from requiem.api.bodies import body_schema
 from requiem.api.responses import errors
 from requiem.api.service import Service, get_service
-from requiem.control.credentials import Principal
 from requiem.control.executions import MAX_PAGE, ExecutionService
 from requiem.control.flags import ExecutionPaused
 from requiem.engine import Difference, ExecutionRequest, ExecutionResult
@@ -24,6 +24,7 @@ from requiem.engine import Difference, ExecutionRequest, ExecutionResult
 router = APIRouter(prefix="/api/v1", tags=["executions"])
 
 PAUSED_RETRY_AFTER_S = 30
+T = TypeVar("T")
 
 
 class Status(StrEnum):
@@ -93,6 +94,20 @@ async def _admitted_slot(service: Service) -> None:
         raise
 
 
+async def _in_slot(service: Service, work: Callable[[], T]) -> T:
+    """Run ``work`` in a thread once an execution slot is free; count failures."""
+    await _admitted_slot(service)
+    metrics.EXECUTIONS_RUNNING.inc()
+    try:
+        return await anyio.to_thread.run_sync(work)
+    except Exception:
+        metrics.EXECUTIONS.labels("error").inc()
+        raise
+    finally:
+        metrics.EXECUTIONS_RUNNING.dec()
+        service.limiter.release()
+
+
 def _count(result: ExecutionResult) -> None:
     from requiem.control.executions import outcome_of
 
@@ -128,29 +143,12 @@ async def create_execution(request: Request, principal: Operator) -> Any:
         metrics.EXECUTIONS.labels("rejected").inc()
         raise
 
-    await _admitted_slot(service)
-    metrics.EXECUTIONS_RUNNING.inc()
-    try:
-        document, result = await anyio.to_thread.run_sync(
-            _run, service, principal, admitted, request_id
-        )
-    except Exception:
-        metrics.EXECUTIONS.labels("error").inc()
-        raise
-    finally:
-        metrics.EXECUTIONS_RUNNING.dec()
-        service.limiter.release()
+    document, result = await _in_slot(
+        service,
+        lambda: _executions(service).run(principal, admitted, request_id=request_id),
+    )
     _count(result)
     return JSONResponse(document, status_code=201)
-
-
-def _run(
-    service: Service,
-    principal: Principal,
-    admitted: ExecutionRequest,
-    request_id: str | None,
-) -> tuple[dict[str, Any], ExecutionResult]:
-    return _executions(service).run(principal, admitted, request_id=request_id)
 
 
 @router.get(
@@ -207,20 +205,12 @@ async def replay_execution(
 ) -> Any:
     service = get_service(request)
     request_id = getattr(request.state, "request_id", None)
-    await _admitted_slot(service)
-    metrics.EXECUTIONS_RUNNING.inc()
-    try:
-        document, report = await anyio.to_thread.run_sync(
-            lambda: _executions(service).replay(
-                principal, execution_id, request_id=request_id
-            )
-        )
-    except Exception:
-        metrics.EXECUTIONS.labels("error").inc()
-        raise
-    finally:
-        metrics.EXECUTIONS_RUNNING.dec()
-        service.limiter.release()
+    document, report = await _in_slot(
+        service,
+        lambda: _executions(service).replay(
+            principal, execution_id, request_id=request_id
+        ),
+    )
     _count(report.replayed)
     return JSONResponse(
         {
