@@ -119,21 +119,21 @@ def status(as_json: JsonFlag = False) -> None:
             )
         )
         verified += f" at {verification['at']}"
-    output.key_values(
-        {
-            "head seq": answer["head_seq"],
-            "head hash": answer["head_hash"],
-            "pending": answer["pending"],
-            "lag": f"{answer['lag_s']:.3f} s",
-            "last flush": flush_run.get("at", "never"),
-            "last checkpoint": (
-                f"seq {checkpoint['seq']} at {checkpoint['signed_at']}"
-                if checkpoint
-                else "none"
-            ),
-            "last verification": verified,
-        }
-    )
+    rows = {
+        "head seq": answer["head_seq"],
+        "head hash": answer["head_hash"],
+        "pending": answer["pending"],
+        "lag": f"{answer['lag_s']:.3f} s",
+        "last flush": flush_run.get("at", "never"),
+        "last checkpoint": (
+            f"seq {checkpoint['seq']} at {checkpoint['signed_at']}"
+            if checkpoint
+            else "none"
+        ),
+        "last verification": verified,
+    }
+    for name, value in rows.items():
+        output.line(f"{name + ':':19s}{value}")
 
 
 def _trusted_key(public_key: Path | None) -> tuple[Any, str | None]:
