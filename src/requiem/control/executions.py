@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -48,6 +49,7 @@ from requiem.store.models import (
 
 STATUSES = ("succeeded", "failed", "error")
 MAX_PAGE = 200
+SANDBOX_PROBE_TTL_S = 5.0
 
 
 class ExecutionNotFound(NotFound):
@@ -126,6 +128,8 @@ class ExecutionService:
     ) -> None:
         self.sessions = sessions
         self.writer = writer or GroupCommitter(sessions)
+        self._sandbox_ok = False
+        self._sandbox_probed_at = float("-inf")
         self.cas = cas
         self.engine = engine
         self.cost_per_second = cost_per_second
@@ -137,7 +141,7 @@ class ExecutionService:
     ) -> ExecutionRequest:
         """The request as it will run for this tenant, or the reason it may not."""
         refuse_host_fields(request, trusted=principal.is_operator)
-        if not principal.is_operator and not self.engine.capabilities().bwrap_works:
+        if not principal.is_operator and not self._sandbox_works():
             msg = "the sandbox is not working on this server; executions are refused"
             raise SandboxUnavailable(msg)
         if request.tenant_id not in (None, principal.tenant_id):
@@ -149,6 +153,14 @@ class ExecutionService:
             self._check_inputs(session, principal.tenant_id, request.inputs.values())
 
         return request.model_copy(update={"tenant_id": principal.tenant_id})
+
+    def _sandbox_works(self) -> bool:
+        """Whether bubblewrap works, probed at most every SANDBOX_PROBE_TTL_S."""
+        now = time.monotonic()
+        if now - self._sandbox_probed_at >= SANDBOX_PROBE_TTL_S:
+            self._sandbox_ok = bool(self.engine.capabilities().bwrap_works)
+            self._sandbox_probed_at = now
+        return self._sandbox_ok
 
     def _check_tenant(self, session: Session, principal: Principal) -> None:
         """The tenant exists, is active and has budget left."""
