@@ -31,7 +31,7 @@ from requiem.engine.policy import (
     check_strict,
     filter_env,
 )
-from requiem.engine.replay import ReplayReport, compare
+from requiem.engine.replay import DRIFT_DETECTED, ReplayReport, compare
 from requiem.engine.runner import Captured, Completed, run_process
 from requiem.engine.workspace import (
     OutputProblem,
@@ -89,6 +89,8 @@ class Engine:
             msg = f"replay could not run: {exc.code}: {exc.message}"
             raise ReplayFailed(msg, cause=exc.code) from exc
         differences = compare(result, replayed)
+        if differences:
+            DRIFT_DETECTED.inc()
         return ReplayReport(
             ok=not differences, differences=differences, replayed=replayed
         )

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from prometheus_client import Counter
+
 from requiem.engine.models import ExecutionResult
+
+DRIFT_DETECTED = Counter(
+    "requiem_drift_detected",
+    "Replays whose fresh run differed from the stored result (determinism violations).",
+)
 
 # In the order a person wants to hear about them: what the program did first, the
 # digests that summarise everything last.
