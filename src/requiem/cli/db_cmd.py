@@ -280,7 +280,7 @@ def rollback(
     timeout: Timeout = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Undo the newest revisions (downgrade), under the lock, after a backup."""
+    """Undo the newest revisions under the lock; SQLite is backed up first."""
     if steps is not None and to is not None:
         msg = "give --steps or --to, not both"
         raise UsageError(msg)
