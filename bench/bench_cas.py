@@ -334,7 +334,7 @@ def main() -> int:
 
     quick = args.quick
     sections = set(args.only or ["blobs", "small", "verify", "memory"])
-    many = args.objects or (2_000 if quick else 100_000)
+    many = args.objects or (1_000 if quick else 100_000)
     load = os.getloadavg()
     print(
         f"bench_cas: {'quick' if quick else 'full'} mode, {os.cpu_count()} CPUs, "
@@ -343,13 +343,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-cas-", dir=args.dir) as scratch:
         work = Path(scratch)
         if "blobs" in sections:
-            bench_blobs(work, [1, 16] if quick else [1, 16, 64, 256])
+            bench_blobs(work, [1, 8] if quick else [1, 16, 64, 256])
         if "small" in sections:
-            bench_small(work, 2_000 if quick else 20_000, 100 if quick else 1_000)
+            bench_small(work, 1_000 if quick else 20_000, 50 if quick else 1_000)
         if "verify" in sections:
-            bench_verify(work, 1_000 if quick else 20_000, 1 if quick else 4)
+            bench_verify(work, 500 if quick else 20_000, 1 if quick else 4)
         if "memory" in sections:
-            bench_memory(work, 128 if quick else 4096, [many // 10, many])
+            bench_memory(work, 64 if quick else 4096, [many // 10, many])
     return 0
 
 
