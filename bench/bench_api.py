@@ -136,9 +136,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(home: Path, port: int, log_level: str) -> subprocess.Popen:
+def start_server(
+    home: Path, port: int, log_level: str, database_url: str | None
+) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REQUIEM_")}
     env.pop("DATABASE_URL", None)
+    if database_url:
+        env["DATABASE_URL"] = database_url
     env.update(
         REQUIEM_HOME=str(home),
         REQUIEM_WORK_DIR=str(home / "work"),
@@ -213,6 +217,9 @@ def main() -> int:
     parser.add_argument("--url", help="use this running server instead of one's own")
     parser.add_argument("--key", help="operator key for --url")
     parser.add_argument("--log-level", default="info", help="server log level")
+    parser.add_argument(
+        "--database-url", help="an empty database for the server (default: SQLite)"
+    )
     parser.add_argument("--quick", action="store_true", help="1 s runs")
     parser.add_argument("--json", action="store_true", help="JSON on stdout")
     args = parser.parse_args()
@@ -225,7 +232,7 @@ def main() -> int:
             url, key = args.url.rstrip("/"), args.key or ""
         else:
             port = free_port()
-            process = start_server(Path(tmp), port, args.log_level)
+            process = start_server(Path(tmp), port, args.log_level, args.database_url)
             url, key = f"http://127.0.0.1:{port}", make_key(Path(tmp))
         host, port_text = url.removeprefix("http://").split(":")
         try:
@@ -249,6 +256,7 @@ def main() -> int:
     report = {
         "duration_s": duration,
         "log_level": args.log_level,
+        "database": "postgresql" if args.database_url else "sqlite",
         "results": results,
         "rss_mib_start": round(rss_start, 1) if rss_start else None,
         "rss_mib_max_at_64_clients": round(rss_at_64, 1) if process else None,

@@ -15,6 +15,7 @@ import json
 import re
 import secrets
 import time
+import traceback
 from typing import Any
 
 import anyio
@@ -88,7 +89,14 @@ class ServiceMiddleware:
                 raise
             await self._answer(scope, send_with_id, exc, request_id)
         except Exception as exc:  # noqa: BLE001 - nothing escapes as a stack trace
-            logger.exception("request_failed", request_id=request_id)
+            # Frames only, no local variables: locals would hold the request's
+            # Authorization header and bodies, and secrets never reach a log line.
+            logger.error(
+                "request_failed",
+                request_id=request_id,
+                error=type(exc).__name__,
+                trace="".join(traceback.format_exception(exc, limit=-12)),
+            )
             if not status["started"]:
                 await self._answer(
                     scope,
