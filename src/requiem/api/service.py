@@ -85,18 +85,25 @@ class ExecutionLimiter:
     def __init__(self, slots: int, queue_timeout_s: float) -> None:
         self.slots = max(1, slots)
         self.queue_timeout_s = queue_timeout_s
-        self._semaphore = asyncio.Semaphore(self.slots)
+        self._semaphore: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.running = 0
         self.waiting = 0
 
     async def acquire(self) -> None:
         from requiem.api import metrics
 
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # A semaphore belongs to one event loop; a new loop (a restarted
+            # test client) starts with every slot free.
+            self._semaphore, self._loop = asyncio.Semaphore(self.slots), loop
+        semaphore = self._semaphore
         self.waiting += 1
         metrics.EXECUTIONS_QUEUED.inc()
         try:
             async with asyncio.timeout(self.queue_timeout_s):
-                await self._semaphore.acquire()
+                await semaphore.acquire()
         except TimeoutError as exc:
             msg = (
                 f"all {self.slots} execution slots stayed busy for "
@@ -110,7 +117,8 @@ class ExecutionLimiter:
 
     def release(self) -> None:
         self.running -= 1
-        self._semaphore.release()
+        if self._semaphore is not None:
+            self._semaphore.release()
 
 
 class Service:
