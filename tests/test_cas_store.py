@@ -261,3 +261,16 @@ def test_pins_are_files_with_reasons(cas: LocalCAS) -> None:
     assert list(cas.iter_pins()) == []
     with pytest.raises(InvalidDigest):
         cas.pin("xyz", "r")
+
+
+def test_half_object_whose_raw_bytes_look_like_zstd(tmp_path: Path) -> None:
+    """A sidecar rebuilt for a raw blob that merely starts with zstd's magic."""
+    store = LocalCAS(tmp_path / "cas", compression="none")
+    payload = b"\x28\xb5\x2f\xfd" + os.urandom(3 << 20)  # more than one chunk
+    digest = store.put_bytes(payload)
+    store.meta_path(digest).unlink()
+
+    LocalCAS(tmp_path / "cas", compression="zstd").put_bytes(payload)
+
+    assert store.meta(digest).encoding == "identity"
+    assert store.get_bytes(digest) == payload

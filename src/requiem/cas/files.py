@@ -27,6 +27,15 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str | Path) -> None:
+    """Make the data of the file at ``path`` durable (cheap when it already is)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sync_filesystem(path: str | Path) -> None:
     """Flush the filesystem holding ``path`` (syncfs on Linux, sync elsewhere)."""
     if _syncfs is None:

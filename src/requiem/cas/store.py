@@ -43,7 +43,7 @@ import zstandard
 
 from requiem import digest as dg
 from requiem.cas import pins
-from requiem.cas.files import fsync_dir, move_no_replace, sync_filesystem
+from requiem.cas.files import fsync_dir, fsync_file, move_no_replace, sync_filesystem
 from requiem.cas.objects import (
     MAX_SIDECAR,
     META_SUFFIX,
@@ -156,13 +156,20 @@ class LocalCAS:
             return False
         return True
 
-    def _already_stored(self, digest: str) -> bool:
-        """True when a whole copy is on disk; marks it recently used for GC."""
+    def _already_stored(self, digest: str, *, durable: bool) -> bool:
+        """True when a whole copy is on disk; marks it recently used for GC.
+
+        A durable put that finds the object also makes the copy durable: it may
+        come from a batch whose barrier has not run yet.
+        """
         blob_path = self._blob_name(digest)
         meta_path = blob_path + META_SUFFIX
         try:
             meta = parse_meta(digest, read_upto(meta_path, MAX_SIDECAR))
             intact = os.stat(blob_path).st_size == meta.stored_size
+            if intact and durable:
+                fsync_file(blob_path)
+                fsync_file(meta_path)
         except (OSError, ValueError, TypeError):
             return False
         if intact:
@@ -172,7 +179,7 @@ class LocalCAS:
     def put_bytes(self, data: bytes, *, durable: bool = True) -> str:
         """Store ``data``; returns its digest. Idempotent."""
         key = dg.of_bytes(data)
-        if self._already_stored(key):
+        if self._already_stored(key, durable=durable):
             return key
         encoding, stored = self._encode_whole(data)
         stored_hash = key if encoding == "identity" else dg.of_bytes(stored)
@@ -242,7 +249,7 @@ class LocalCAS:
 
         tmp_blob = self._write_temp("put", pieces(), durable=durable)
         key = content.hexdigest()
-        if self._already_stored(key):
+        if self._already_stored(key, durable=durable):
             os.unlink(tmp_blob)
             return key
         meta = ObjectMeta(key, encoding, sizes[0], sizes[1], stored.hexdigest(), now())
@@ -296,6 +303,8 @@ class LocalCAS:
                 os.replace(tmp_blob, final_blob)  # a torn copy left by a crash
             else:
                 os.unlink(tmp_blob)
+                if durable:
+                    fsync_file(final_blob)  # another writer's, maybe not yet synced
                 meta = existing
         except BaseException:
             os.unlink(tmp_blob)
@@ -321,12 +330,15 @@ class LocalCAS:
                 while piece := blob.read(CHUNK):
                     stored.update(piece)
                     stored_size += len(piece)
-                    if unpacker is not None:
+                    if unpacker is None:
+                        continue
+                    try:
                         raw = unpacker.decompress(piece)
-                        content.update(raw)
-                        size += len(raw)
-        except zstandard.ZstdError:
-            unpacker = None
+                    except zstandard.ZstdError:
+                        unpacker = None  # raw bytes that start like a zstd frame
+                        continue
+                    content.update(raw)
+                    size += len(raw)
         except FileNotFoundError:
             return None
         if unpacker is not None and content.hexdigest() == digest:
