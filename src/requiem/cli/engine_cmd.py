@@ -20,7 +20,7 @@ from requiem import settings
 from requiem.cas.store import LocalCAS
 from requiem.cli import output
 from requiem.engine import Engine, ExecutionRequest, ExecutionResult
-from requiem.engine.errors import RESULT_ERRORS, DriftDetected
+from requiem.engine.errors import RESULT_ERRORS, DriftDetected, OutputNotWritable
 from requiem.engine.models import MAX_REQUEST_BYTES
 from requiem.engine.verify import load_result
 from requiem.engine.workspace import copy_outputs_back
@@ -176,15 +176,31 @@ def _read_request(path: str) -> bytes:
         return stream.read(MAX_REQUEST_BYTES + 1)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _check_out_path(path: Path) -> None:
+    """UsageError before anything runs when ``--out`` cannot name a new file."""
     target = path.absolute()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    if not target.parent.is_dir():
+        msg = f"--out {path}: directory {target.parent} does not exist"
+        raise UsageError(msg, path=str(path))
+    if target.is_dir():
+        msg = f"--out {path} is a directory; name a file"
+        raise UsageError(msg, path=str(path))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file; OutputNotWritable if refused."""
+    target = path.absolute()
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         with os.fdopen(fd, "w") as out:
             out.write(text)
         os.replace(tmp, target)
+    except OSError as exc:
+        msg = f"cannot write the result to {path}: {exc.strerror}"
+        raise OutputNotWritable(msg, path=str(path)) from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -199,6 +215,8 @@ def exec_run(
     as_json: JsonFlag = False,
 ) -> None:
     """Run a request file; exit with the child's exit code (124 on timeout)."""
+    if out is not None:
+        _check_out_path(out)
     request = ExecutionRequest.parse(_read_request(request_file))
     result = _engine().run(request, use_cache=not no_cache)
     document = result.model_dump(mode="json")

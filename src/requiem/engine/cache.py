@@ -36,25 +36,32 @@ def entry_path(cas: LocalCAS, key: str) -> Path:
     return cas.root / "v2" / "ac" / key[:2] / key
 
 
-def lookup(cas: LocalCAS, key: str) -> ExecutionResult | None:
-    """The cached result for ``key`` with ``cache_hit`` set, or None."""
+def lookup(cas: LocalCAS, key: str, request_digest: str) -> ExecutionResult | None:
+    """The cached result for ``key`` with ``cache_hit`` set, or None.
+
+    The entry must name a result of ``request_digest`` whose streams and outputs
+    are all present; anything else is a miss (a damaged or foreign entry).
+    """
     path = entry_path(cas, key)
     try:
         entry = dg.parse_json(path.read_bytes())
         blob = entry["result_blob"]
         stored = dg.parse_json(cas.get_bytes(blob))
-        if stored.pop("kind", None) != "requiem.result":
+        if not isinstance(stored, dict) or stored.pop("kind", None) != (
+            "requiem.result"
+        ):
             return None
         result = ExecutionResult.model_validate(stored)
+        if result.request_digest != request_digest:
+            _log.warning("engine.cache_entry_foreign", key=key)
+            return None
+        named = [result.stdout_digest, result.stderr_digest]
+        if not all(cas.exists(d) for d in [*named, *result.output_digests.values()]):
+            return None
     except FileNotFoundError:
         return None
     except (OSError, KeyError, TypeError, ValueError, RequiemError) as exc:
         _log.warning("engine.cache_entry_unusable", key=key, reason=str(exc)[:200])
-        return None
-    for digest in (result.stdout_digest, result.stderr_digest):
-        if not cas.exists(digest):
-            return None
-    if not all(cas.exists(d) for d in result.output_digests.values()):
         return None
     return result.model_copy(update={"cache_hit": True, "result_blob": blob})
 

@@ -26,7 +26,8 @@ does not hold (``timeout``, ``missing_output``, ``spawn_failed``)::
     IntegrityFailure (500, exit 4)
     └── ResultVerifyFailed      result_verify_failed
     Unavailable (503, exit 6)
-    └── SandboxUnavailable      sandbox_unavailable
+    ├── SandboxUnavailable      sandbox_unavailable
+    └── StorageFailed           storage_failed        the CAS refused a write
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ class ResultVerifyFailed(IntegrityFailure):
 
 class SandboxUnavailable(Unavailable):
     code = "sandbox_unavailable"
+
+
+class StorageFailed(Unavailable):
+    code = "storage_failed"
 
 
 # The codes a result's ``error_code`` can carry, with the class that describes each.

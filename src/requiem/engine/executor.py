@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from requiem import log
 from requiem.cas.store import LocalCAS
 from requiem.engine import cache, sandbox
 from requiem.engine.envbuild import build_env
-from requiem.engine.errors import InvalidRequest, ReplayFailed
+from requiem.engine.errors import InvalidRequest, ReplayFailed, StorageFailed
 from requiem.engine.models import ExecutionRequest, ExecutionResult
 from requiem.engine.policy import (
     EnvDecision,
@@ -47,6 +48,10 @@ from requiem.settings import Settings
 _log = log.get("requiem.engine")
 
 SCRATCH_KEY_CHARS = 32
+# What a refusing disk says; any other OSError is a bug and is not relabelled.
+STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG}
+)
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,11 @@ class Engine:
     # -- public ----------------------------------------------------------------------
 
     def run(self, request: ExecutionRequest, use_cache: bool = True) -> ExecutionResult:
-        """Run ``request`` (or answer from the action cache); see the module doc."""
+        """Run ``request`` (or answer from the action cache); see the module doc.
+
+        Raises StorageFailed when the disk refuses a write (full, read-only,
+        failing); nothing is cached then.
+        """
         return self._execute(request, lookup=use_cache, store=True)
 
     def replay(self, result: ExecutionResult) -> ReplayReport:
@@ -132,13 +141,24 @@ class Engine:
     def _execute(
         self, request: ExecutionRequest, *, lookup: bool, store: bool
     ) -> ExecutionResult:
+        try:
+            return self._execute_unguarded(request, lookup=lookup, store=store)
+        except OSError as exc:
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            msg = f"writing the run's files failed: {exc.strerror}"
+            raise StorageFailed(msg, errno=exc.errno) from exc
+
+    def _execute_unguarded(
+        self, request: ExecutionRequest, *, lookup: bool, store: bool
+    ) -> ExecutionResult:
         normal, decision = self.normalise(request)
         caps = self.capabilities()
         check_strict(normal.policy, self._gaps(normal, caps))
 
         request_digest = normal.digest()
         key = cache.cache_key(request_digest, normal.inputs)
-        if lookup and (hit := cache.lookup(self.cas, key)):
+        if lookup and (hit := cache.lookup(self.cas, key, request_digest)):
             _log.info("engine.cache_hit", request_digest=request_digest)
             return hit.model_copy(update={"request_id": request.request_id})
         # Every object of the run is written without its own fsync; one
@@ -153,7 +173,7 @@ class Engine:
         # Held until the result is in the cache, so an identical request that
         # waited for this one finds it there instead of running again.
         with scratch(self.work_dir, request_digest[:SCRATCH_KEY_CHARS]) as place:
-            if lookup and (hit := cache.lookup(self.cas, key)):
+            if lookup and (hit := cache.lookup(self.cas, key, request_digest)):
                 return hit.model_copy(update={"request_id": request.request_id})
             materialise(self.cas, normal.inputs, place.workspace, self.epoch)
             launch = self._launch(normal, place, caps)

@@ -51,6 +51,28 @@ ENV_NAME = re.compile(r"[^=\x00]{1,256}")
 SANDBOX_OWNED = ("/workspace", "/proc", "/dev", "/tmp", "/etc")
 
 
+def _utf8_only(value: Any, where: str) -> None:
+    """InvalidRequest when a string (key or value) holds a lone surrogate.
+
+    JSON's ``\\ud800`` escape and a non-UTF-8 file name both reach Python as
+    such strings; they cannot be passed to a process or digested, so they are
+    refused here instead of failing later.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            msg = f"{where} is not valid UTF-8 text"
+            raise InvalidRequest(msg, field=where) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _utf8_only(key, f"{where} key")
+            _utf8_only(item, f"{where}.{key}" if isinstance(key, str) else where)
+    elif isinstance(value, list):
+        for item in value:
+            _utf8_only(item, where)
+
+
 def _no_nul(values: list[str], what: str) -> list[str]:
     for value in values:
         if "\x00" in value:
@@ -99,8 +121,11 @@ class Policy(BaseModel):
             if normal == "/":
                 msg = "ro_paths may not expose the whole host filesystem ('/')"
                 raise ValueError(msg)
-            if any(normal == p or normal.startswith(p + "/") for p in SANDBOX_OWNED):
-                msg = f"ro_paths entry {normal!r} would hide the sandbox's own {normal}"
+            owned = [
+                p for p in SANDBOX_OWNED if normal == p or normal.startswith(p + "/")
+            ]
+            if owned:
+                msg = f"ro_paths entry {normal!r} lies in the sandbox's own {owned[0]}"
                 raise ValueError(msg)
             cleaned.append(normal)
         return sorted(set(cleaned))
@@ -218,6 +243,9 @@ class ExecutionRequest(BaseModel):
         if not isinstance(value, dict):
             msg = "a request is a JSON object"
             raise InvalidRequest(msg)
+        for name, item in value.items():
+            _utf8_only(name, "a request key")
+            _utf8_only(item, str(name))
         try:
             return cls.model_validate(value)
         except ValidationError as exc:

@@ -29,6 +29,7 @@ from typing import BinaryIO
 
 from requiem import log
 from requiem.cas.store import LocalCAS
+from requiem.engine.errors import StorageFailed
 
 READ_CHUNK = 1 << 16
 KILL_ROUNDS = 50
@@ -45,6 +46,7 @@ class Captured:
     size: int = 0
     preview: bytes = b""
     truncated: bool = False
+    failure: BaseException | None = None  # why storing the stream failed
 
 
 @dataclass
@@ -81,9 +83,16 @@ class _PreviewReader:
 
 
 def _capture(cas: LocalCAS, raw: BinaryIO, cap: int, captured: Captured) -> None:
+    """Store one stream; a failure (say, a full disk) is kept for the caller.
+
+    The pipe is closed either way, so a child still writing gets EPIPE instead
+    of blocking; :func:`run_process` raises the failure once the run is over.
+    """
     reader = _PreviewReader(raw, cap, captured)
     try:
         captured.digest = cas.put_stream(reader, durable=False)  # type: ignore[arg-type]
+    except BaseException as exc:  # noqa: BLE001 - handed to run_process, not lost
+        captured.failure = exc
     finally:
         raw.close()
     captured.preview = b"".join(reader.parts)
@@ -171,6 +180,7 @@ def run_process(
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     duration_ms = int((time.monotonic() - start) * 1000)
+    _raise_capture_failure(streams)
 
     if timed_out:
         exit_code, reason = 124, "timeout"
@@ -187,6 +197,19 @@ def run_process(
         peak_memory_bytes=usage.ru_maxrss * 1024,
         killed_leftovers=killed,
     )
+
+
+def _raise_capture_failure(streams: tuple[Captured, Captured]) -> None:
+    """StorageFailed when a stream could not be stored; the run has no result."""
+    for name, captured in zip(("stdout", "stderr"), streams, strict=True):
+        failure = captured.failure
+        if failure is None:
+            continue
+        if isinstance(failure, OSError):
+            why = failure.strerror or type(failure).__name__
+            msg = f"the CAS could not store the run's {name}: {why}"
+            raise StorageFailed(msg, stream=name, errno=failure.errno) from failure
+        raise failure
 
 
 def _drain(readers: list[threading.Thread], pid: int, marker: str | None) -> int:

@@ -68,6 +68,7 @@ def snapshot(
         for name in sorted(filenames):
             path = here / name
             rel = path.relative_to(root).as_posix()
+            _utf8_name(rel)
             if path.is_symlink():
                 target = inside(root, rel)
                 if not target.is_file():
@@ -81,6 +82,16 @@ def snapshot(
                 raise InvalidRequest(msg, field="workspace_root")
     cas.sync()
     return found
+
+
+def _utf8_name(rel: str) -> None:
+    """InvalidRequest for a file name that is not UTF-8 (it cannot be digested)."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        msg = f"workspace file name {shown!r} is not valid UTF-8; rename it"
+        raise InvalidRequest(msg, field="workspace_root") from None
 
 
 def _skip_linked_dir(root: Path, path: Path) -> bool:
