@@ -48,6 +48,11 @@ def parse_error(raw: str | bytes) -> RequiemError:
             "invalid_policy",
             400,
         ),
+        (
+            '{"command": "true", "policy": {"ro_paths": ["/tmp"]}}',
+            "invalid_policy",
+            400,
+        ),
         ('{"command": "true", "cwd": "../up"}', "path_escape", 400),
         ('{"command": "true", "cwd": "/etc"}', "path_escape", 400),
         ('{"command": "true", "outputs": ["a/../../b"]}', "path_escape", 400),
@@ -63,6 +68,15 @@ def test_bad_request_gets_its_code(raw: str, code: str, status: int):
     error = parse_error(raw)
 
     assert (error.code, error.http_status) == (code, status)
+
+
+def test_a_host_path_below_tmp_may_be_exposed_read_only():
+    """A checkout or virtualenv under /tmp is bound into the sandbox's private /tmp."""
+    request = ExecutionRequest.parse(
+        '{"command": "true", "policy": {"ro_paths": ["/tmp/ci/main/.venv"]}}'
+    )
+
+    assert request.policy.ro_paths == ["/tmp/ci/main/.venv"]
 
 
 def test_more_than_256_outputs_is_too_many_outputs():

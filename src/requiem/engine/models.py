@@ -48,7 +48,10 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # An environment name, or a glob over names in env_allow/env_deny/env_required.
 ENV_NAME = re.compile(r"[^=\x00]{1,256}")
 # Mount points the sandbox makes itself; a read-only host path may not cover them.
-SANDBOX_OWNED = ("/workspace", "/proc", "/dev", "/tmp", "/etc")
+SANDBOX_OWNED = ("/workspace", "/proc", "/dev", "/etc")
+# The sandbox's /tmp is a private tmpfs; host paths below it (a checkout or a
+# virtualenv under /tmp) can still be bound read-only into it, but /tmp itself cannot.
+SANDBOX_PRIVATE_TMP = "/tmp"
 
 
 def _utf8_only(value: Any, where: str) -> None:
@@ -124,6 +127,8 @@ class Policy(BaseModel):
             owned = [
                 p for p in SANDBOX_OWNED if normal == p or normal.startswith(p + "/")
             ]
+            if normal == SANDBOX_PRIVATE_TMP:
+                owned.append(SANDBOX_PRIVATE_TMP)
             if owned:
                 msg = f"ro_paths entry {normal!r} lies in the sandbox's own {owned[0]}"
                 raise ValueError(msg)
