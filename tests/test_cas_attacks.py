@@ -248,46 +248,58 @@ def test_gc_keeps_what_an_uncached_stored_result_references(home: Path):
     assert _failed_checks_after_gc(engine, result) == []
 
 
-def _cas_get_within(digest: str, seconds: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _endless_device(path: Path) -> None:
+    path.unlink()
+    path.symlink_to("/dev/zero")
+
+
+@pytest.mark.parametrize(
+    ("content", "replace"),
+    [
+        pytest.param(
+            SMALL,
+            _fifo,
+            id="fifo",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=subprocess.TimeoutExpired,
+                reason="cas/store.py opens a blob without checking it is a regular "
+                "file: a blob replaced by a FIFO makes `cas get` (and `cas verify "
+                "--all`) block forever (left for the CAS owner: open with "
+                "O_NOFOLLOW|O_NONBLOCK and check S_ISREG)",
+            ),
+        ),
+        pytest.param(
+            LARGE,
+            _endless_device,
+            id="dev-zero",
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=subprocess.TimeoutExpired,
+                reason="cas/store.py reads a large blob to its end: one replaced by "
+                "a symlink to /dev/zero makes `cas get` and `cas verify --all` spin "
+                "forever (left for the CAS owner: refuse non-regular files, stop "
+                "reading past stored_size)",
+            ),
+        ),
+    ],
+)
+def test_blob_replaced_by_a_special_file_is_reported_not_waited_on(
+    cli, home: Path, content: bytes, replace: Callable[[Path], None]
+):
+    cas = LocalCAS(home / "cas")
+    digest = cas.put_bytes(content)
+    replace(blob(cas, digest))
+
+    done = subprocess.run(
         [sys.executable, "-m", "requiem", "cas", "get", digest],
-        capture_output=True, timeout=seconds, check=False,
+        capture_output=True, timeout=4, check=False,
     )  # fmt: skip
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=subprocess.TimeoutExpired,
-    reason="cas/store.py opens a blob without checking it is a regular file: a "
-    "blob replaced by a FIFO makes `cas get` (and `cas verify --all`) block forever "
-    "(left for the CAS owner: open with O_NOFOLLOW|O_NONBLOCK and check S_ISREG)",
-)
-def test_blob_replaced_by_a_fifo_is_reported_not_waited_on(cli, home: Path):
-    cas = LocalCAS(home / "cas")
-    digest = cas.put_bytes(SMALL)
-    blob(cas, digest).unlink()
-    os.mkfifo(blob(cas, digest))
-
-    done = _cas_get_within(digest, 4)
-
-    assert done.returncode == 4
-    assert b"error[cas_integrity_failed]" in done.stderr
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=subprocess.TimeoutExpired,
-    reason="cas/store.py reads a large blob to its end: one replaced by a symlink to "
-    "/dev/zero makes `cas get` and `cas verify --all` spin forever (left for the "
-    "CAS owner: refuse non-regular files, stop reading past stored_size)",
-)
-def test_blob_replaced_by_an_endless_device_is_reported(cli, home: Path):
-    cas = LocalCAS(home / "cas")
-    digest = cas.put_bytes(LARGE)
-    blob(cas, digest).unlink()
-    blob(cas, digest).symlink_to("/dev/zero")
-
-    done = _cas_get_within(digest, 4)
 
     assert done.returncode == 4
     assert b"error[cas_integrity_failed]" in done.stderr
