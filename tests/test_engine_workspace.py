@@ -85,3 +85,16 @@ def test_snapshot_leaves_out_the_cas_and_the_state_directory_inside_it(
     found = snapshot(cas, tmp_path, skip_dirs=(tmp_path / "state",))
 
     assert list(found) == ["main.c"]
+
+
+def test_copied_back_programs_are_executable_and_data_is_not(
+    cas: LocalCAS, tmp_path: Path
+):
+    program = cas.put_bytes(b"\x7fELF" + b"\x00" * 60)
+    script = cas.put_bytes(b"#!/bin/sh\necho hi\n")
+    data = cas.put_bytes(b"plain text\n")
+
+    copy_outputs_back(cas, {"app": program, "run.sh": script, "notes": data}, tmp_path)
+
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"app": 0o755, "run.sh": 0o755, "notes": 0o644}

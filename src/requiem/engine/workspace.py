@@ -237,13 +237,19 @@ def capture_outputs(
 def copy_outputs_back(
     cas: LocalCAS, outputs: dict[str, str], directory: Path
 ) -> list[Path]:
-    """Write each captured output into ``directory`` (the caller's workspace)."""
+    """Write each captured output into ``directory`` (the caller's workspace).
+
+    Modes follow the inputs' rule: programs (ELF, ``#!``) 0755, everything else 0644,
+    so a binary built in the sandbox runs where it lands.
+    """
     written = []
     for rel, digest in sorted(outputs.items()):
         target = inside(directory, clean_relpath(rel, "outputs"))
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             cas.get_to_file(digest, target)
+            with open(target, "rb") as stream:
+                os.chmod(target, 0o755 if executable(stream.read(4)) else 0o644)
         except OSError as exc:
             msg = f"cannot copy output {rel!r} back into {directory}: {exc.strerror}"
             raise OutputNotWritable(msg, path=rel) from exc
