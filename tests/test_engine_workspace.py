@@ -94,7 +94,9 @@ def test_copied_back_programs_are_executable_and_data_is_not(
     script = cas.put_bytes(b"#!/bin/sh\necho hi\n")
     data = cas.put_bytes(b"plain text\n")
 
-    copy_outputs_back(cas, {"app": program, "run.sh": script, "notes": data}, tmp_path)
+    target = tmp_path / "ws"
+    target.mkdir()
+    copy_outputs_back(cas, {"app": program, "run.sh": script, "notes": data}, target)
 
-    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    modes = {p.name: p.stat().st_mode & 0o777 for p in target.iterdir()}
     assert modes == {"app": 0o755, "run.sh": 0o755, "notes": 0o644}
