@@ -161,6 +161,20 @@ def test_non_utf8_file_name_in_the_workspace_is_invalid_request(cli, tmp_path: P
     assert "not valid UTF-8" in done.stderr
 
 
+def test_scratch_directory_inside_the_workspace_is_not_snapshotted(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    (work / "left-by-another-run").write_text("junk\n")
+    (tmp_path / "mine.txt").write_text("mine\n")
+    monkeypatch.setenv("REQUIEM_WORK_DIR", str(work))
+
+    result = make_engine().run(shell("true", workspace_root=str(tmp_path)))
+
+    assert list(result.request["inputs"]) == ["mine.txt"]
+
+
 # -- bad input to the commands -----------------------------------------------------
 
 

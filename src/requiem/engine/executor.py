@@ -119,7 +119,9 @@ class Engine:
         inputs = dict(request.inputs)
         if request.workspace_root is not None:
             snapped = snapshot(
-                self.cas, request.workspace_root, skip_dirs=(self.settings.home,)
+                self.cas,
+                request.workspace_root,
+                skip_dirs=(self.settings.home, self.work_dir),
             )
             # Declared outputs are what the run makes; an old copy left in the
             # workspace (say, by `requiem run` copying it back) is not an input.
