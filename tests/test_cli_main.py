@@ -107,3 +107,20 @@ def test_a_light_command_does_not_import_the_database_layer(cli):
     )
 
     assert proc.stderr.decode().strip() == "[]"
+
+
+def test_one_shot_commands_log_only_warnings_unless_asked(cli, tmp_path):
+    quiet = cli("run", "--workspace", str(tmp_path), "--", "true")
+    chatty = cli(
+        "run",
+        "--workspace",
+        str(tmp_path),
+        "--no-cache",
+        "--",
+        "true",
+        env={"REQUIEM_LOG_LEVEL": "info"},
+    )
+
+    assert (quiet.code, chatty.code) == (0, 0)
+    assert "engine.run" not in quiet.stderr
+    assert "engine.run" in chatty.stderr

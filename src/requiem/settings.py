@@ -84,7 +84,7 @@ TABLE: tuple[Setting, ...] = (
         "REQUIEM_LOG_LEVEL",
         "info",
         "choice",
-        "Log level.",
+        "Log level of `serve`; other commands log warnings only unless this is set.",
         choices=("debug", "info", "warning", "error"),
     ),
     Setting(

@@ -112,6 +112,18 @@ def _usage(exc: Exception) -> int:
     return int(getattr(exc, "exit_code", 2) or 2)
 
 
+def _log_level(config: settings.Settings, args: list[str], debug: bool) -> str:
+    """The server logs every request at INFO; a one-shot command only what went wrong.
+
+    An explicit REQUIEM_LOG_LEVEL wins for both.
+    """
+    if debug:
+        return "debug"
+    if config.is_set("REQUIEM_LOG_LEVEL") or args[:1] == ["serve"]:
+        return str(config.get("REQUIEM_LOG_LEVEL"))
+    return "warning"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = expand_colon_alias(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in args
@@ -121,8 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = settings.load()
         log.configure(
-            "debug" if debug else str(config.get("REQUIEM_LOG_LEVEL")),
-            str(config.get("REQUIEM_LOG_FORMAT")),
+            _log_level(config, args, debug), str(config.get("REQUIEM_LOG_FORMAT"))
         )
     except RequiemError as exc:
         log.configure()
