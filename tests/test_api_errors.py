@@ -32,3 +32,17 @@ def test_a_fault_is_a_500_in_shape_and_its_log_holds_no_secret(
     assert "Traceback" not in response.text and "fire" not in response.text
     assert "request_failed" in logged and "RuntimeError" in logged
     assert secret not in logged
+
+
+@pytest.mark.parametrize("text", ["153", "2026-12-04", "2026-12-04T25:00:00Z"])
+def test_since_and_until_take_rfc3339_only(text):
+    from requiem.api.responses import BadRequest
+    from requiem.api.routes_executions import parse_moment
+
+    with pytest.raises(BadRequest) as refused:
+        parse_moment("since", text)
+
+    assert refused.value.code == "bad_request"
+    assert parse_moment("until", "2026-12-04T15:00:00Z").isoformat() == (
+        "2026-12-04T15:00:00+00:00"
+    )

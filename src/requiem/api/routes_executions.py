@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
@@ -15,7 +16,7 @@ from pydantic import BaseModel
 from requiem.api import metrics
 from requiem.api.auth import Operator, Viewer
 from requiem.api.bodies import body_schema
-from requiem.api.responses import errors
+from requiem.api.responses import BadRequest, errors
 from requiem.api.service import Service, get_service
 from requiem.control.executions import MAX_PAGE, ExecutionService
 from requiem.control.flags import ExecutionPaused
@@ -70,6 +71,32 @@ class ServerStatus(BaseModel):
     executions_queued: int
     execution_slots: int
     pool: dict[str, Any] | None
+
+
+RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+)
+Moment = Annotated[
+    str | None,
+    Query(
+        max_length=64,
+        description="RFC 3339 date-time with offset, e.g. 2026-12-04T15:00:00Z",
+        json_schema_extra={"format": "date-time"},
+    ),
+]
+
+
+def parse_moment(name: str, text: str | None) -> datetime | None:
+    """An RFC 3339 timestamp (numbers and dates without a time are refused)."""
+    if text is None:
+        return None
+    try:
+        if not RFC3339.match(text):
+            raise ValueError(text)
+        return datetime.fromisoformat(text.upper().replace("Z", "+00:00"))
+    except ValueError as exc:
+        msg = f"{name}: expected an RFC 3339 date-time such as 2026-12-04T15:00:00Z"
+        raise BadRequest(msg) from exc
 
 
 def _executions(service: Service) -> ExecutionService:
@@ -163,8 +190,8 @@ async def list_executions(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
     status: Status | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
+    since: Moment = None,
+    until: Moment = None,
 ) -> Any:
     service = get_service(request)
     page = await anyio.to_thread.run_sync(
@@ -173,8 +200,8 @@ async def list_executions(
             limit=limit,
             cursor=cursor,
             status=status.value if status else None,
-            since=since,
-            until=until,
+            since=parse_moment("since", since),
+            until=parse_moment("until", until),
         )
     )
     return JSONResponse({"items": page.items, "next_cursor": page.next_cursor})
