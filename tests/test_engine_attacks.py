@@ -249,6 +249,18 @@ def test_garbage_result_file_is_one_error_line(cli, tmp_path: Path, command: str
     one_error_line(done.stderr, "json_parse_error")
 
 
+def test_doctor_creates_no_folder_for_a_sqlite_url(cli, tmp_path: Path):
+    folder = tmp_path / "not" / "there"
+
+    done = cli("doctor", "--json", env={"DATABASE_URL": f"sqlite:///{folder}/x.db"})
+
+    database = next(
+        c for c in json.loads(done.stdout)["checks"] if c["name"] == "database"
+    )
+    assert database["status"] == "warning"
+    assert not (tmp_path / "not").exists()
+
+
 # -- a disk that refuses writes ----------------------------------------------------
 
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -197,11 +198,27 @@ def ping_database(config: settings.Settings) -> str:
     return f"{url.get_backend_name()} at {where}"
 
 
+def missing_sqlite_folder(config: settings.Settings) -> Path | None:
+    """The folder of a configured SQLite file when it does not exist, else None."""
+    from requiem.store import db
+
+    url = db.parse_url(config.database_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    folder = Path(url.database).absolute().parent
+    return None if folder.is_dir() else folder
+
+
 def check_database(config: settings.Settings, *, required: bool) -> Check:
     """Reach the database; skipped (ok) when none is configured and not ``required``."""
     if not required and not config.is_set("DATABASE_URL"):
         return Check("database", OK, "DATABASE_URL not set (embedded SQLite default)")
     try:
+        folder = missing_sqlite_folder(config)
+        if folder is not None:
+            # A check creates nothing: connecting would make the folder and file.
+            detail = f"sqlite folder {folder} does not exist yet (made on first use)"
+            return Check("database", WARNING, detail)
         where = ping_database(config)
     except RequiemError as exc:
         return Check("database", BLOCKER, exc.message)
