@@ -19,6 +19,7 @@ from requiem.store.errors import (
     MigrationFailed,
     RevisionNotFailed,
     RollbackOutOfRange,
+    SchemaNotCurrent,
     UnknownRevision,
 )
 from requiem.store.history import BOOKKEEPING, revisions_table, runs_table
@@ -109,6 +110,21 @@ def test_ensure_schema_twice_records_one_run(
         revisions.checksum(r) for r in revisions.chain()
     ]
     assert runs[0]["pid"] > 0 and runs[0]["host"]
+
+
+def test_ensure_schema_never_undoes_a_rollback(
+    engine: Engine, migrator: migrate.Migrator
+) -> None:
+    """After `db rollback`, commands refuse the old schema instead of re-migrating."""
+    migrator.upgrade()
+    migrator.rollback(to="002")
+
+    with pytest.raises(SchemaNotCurrent) as caught:
+        ensure_schema(engine)
+
+    assert caught.value.exit_code == 8
+    assert "requiem db migrate" in caught.value.message
+    assert migrator.status()["current"] == "002"
 
 
 def test_rollback_to_and_steps(engine: Engine, migrator: migrate.Migrator) -> None:

@@ -5,10 +5,17 @@ from __future__ import annotations
 from sqlalchemy import Engine
 
 from requiem import settings
+from requiem.store.errors import DatabaseRevisionUnknown, SchemaNotCurrent
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Migrate ``engine``'s database to the newest revision (under the lock).
+    """Make sure ``engine``'s database is at the newest revision before it is used.
+
+    A new, empty database is migrated to head at once (under the lock), so the first
+    command on a fresh machine just works. A database at an older revision is left
+    alone and refused with ``schema_not_current``: it was rolled back on purpose, or
+    the code was upgraded, and either way moving it is the operator's decision
+    (``requiem db migrate``), taken with the runbook's dry run and backup first.
 
     Cheap when the database is already there: one query reads its revision. An
     in-memory SQLite database lives in one connection only, so it is migrated on
@@ -19,8 +26,21 @@ def ensure_schema(engine: Engine) -> None:
     from requiem.store import migrate, revisions
 
     with engine.connect() as conn:
-        if revisions.current_revision(conn) == revisions.head():
+        current = revisions.current_revision(conn)
+        if current == revisions.head():
             return
+        if current is not None:
+            if current not in revisions.chain():
+                msg = (
+                    f"the database is at revision {current}, which this Requiem "
+                    f"does not know (newest here: {revisions.head()})"
+                )
+                raise DatabaseRevisionUnknown(msg, current=current)
+            msg = (
+                f"the database is at revision {current} but this Requiem needs "
+                f"{revisions.head()}: run `requiem db migrate` (see `db status`)"
+            )
+            raise SchemaNotCurrent(msg, current=current, head=revisions.head())
         if engine.url.get_backend_name() == "sqlite" and engine.url.database in (
             None,
             "",
