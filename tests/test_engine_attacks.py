@@ -21,7 +21,7 @@ import pytest
 from requiem import digest as dg
 from requiem import settings
 from requiem.cas.store import LocalCAS
-from requiem.engine import Engine, ExecutionRequest
+from requiem.engine import Engine, ExecutionRequest, policy
 from requiem.engine import cache as action_cache
 from requiem.errors import RequiemError
 
@@ -76,6 +76,18 @@ def test_caller_secrets_reach_neither_child_nor_output(cli, tmp_path: Path):
         assert value not in done.stdout
         assert value not in done.stderr
     assert sorted(result["policy_applied"]["env_secret_stripped"]) == sorted(SECRETS)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["DB_PASS", "MYSQL_PWD", "PGPASSFILE", "GH_PAT", "SLACK_WEBHOOK_URL", "CI_JOB_JWT",
+     "GPG_PASSPHRASE", "API_KEY_ID", "SSH_PRIVATE_KEY_PEM", "REDIS_URL",
+     "POSTGRES_URL", "mongodb_uri"],
+)  # fmt: skip
+def test_common_credential_names_are_stripped(name: str):
+    request = shell("env", env={name: "credential-value"})
+
+    assert policy.filter_env(request).secret == [name]
 
 
 def test_result_digest_ignores_caller_tz_locale_umask_and_cwd(cli, tmp_path: Path):
