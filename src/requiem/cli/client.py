@@ -57,7 +57,8 @@ class ApiClient:
             )
         except httpx.HTTPError as exc:
             msg = (
-                f"no Requiem server reachable at {self.base_url} ({type(exc).__name__})"
+                f"no Requiem server reachable at {self.base_url} "
+                f"({type(exc).__name__}; the CLI finds it through REQUIEM_URL)"
             )
             raise errors.ServerUnreachable(msg, url=self.base_url) from exc
         try:
@@ -68,9 +69,11 @@ class ApiClient:
             return body
         error = body.get("error") if isinstance(body, dict) else None
         if isinstance(error, dict) and "code" in error:
-            raise RemoteError(
-                str(error["code"]), str(error.get("message", "")), response.status_code
-            )
+            message = str(error.get("message", ""))
+            if response.status_code == 401:
+                sent = "sent" if self._headers else "found no"
+                message += f" (the CLI {sent} REQUIEM_API_KEY)"
+            raise RemoteError(str(error["code"]), message, response.status_code)
         msg = f"server answered {response.status_code} for {method} {path}"
         raise RemoteError("http_error", msg, response.status_code)
 

@@ -108,7 +108,7 @@ def status(as_json: JsonFlag = False) -> None:
         _print_status(document)
     if health is None:
         raise errors.ServerUnreachable(
-            f"no Requiem server reachable at {client.base_url}"
+            f"no Requiem server reachable at {client.base_url} (set REQUIEM_URL)"
         )
     if not health.get("ready"):
         raise typer.Exit(6)
