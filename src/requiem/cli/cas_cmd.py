@@ -141,15 +141,18 @@ def verify(
             output.line(f"{bad['reason']}  {bad.get('digest') or bad.get('path')}")
         output.note(
             f"{report.checked} of {report.objects} objects checked, "
-            f"{report.good} good, {len(report.bad)} problems"
+            f"{report.good} good, {_problems(len(report.bad))}"
         )
     if not report.ok:
-        count = len(report.bad)
         failure = CasIntegrityFailed(
-            f"{count} problem{'s' if count != 1 else ''} in the CAS at {cas.root}"
+            f"{_problems(len(report.bad))} in the CAS at {cas.root}"
         )
         sys.stderr.write(f"requiem: error[{failure.code}]: {failure.message}\n")
         raise typer.Exit(failure.exit_code)
+
+
+def _problems(count: int) -> str:
+    return f"{count} problem" if count == 1 else f"{count} problems"
 
 
 def _verify_with_progress(cas: LocalCAS, sample: int | None) -> scan.VerifyReport:
