@@ -374,6 +374,20 @@ def test_endless_output_stops_at_the_timeout(home: Path):
     assert result.stdout_truncated
 
 
+def test_huge_sparse_output_is_refused_without_being_read(cli, tmp_path: Path):
+    done = cli(
+        "run", "--output", "out", "--output", "small", "--json", "--",
+        "sh", "-c", "echo hi > small; truncate -s 5G out",
+        cwd=tmp_path,
+    )  # fmt: skip
+
+    assert done.code == 5
+    one_error_line(done.stderr, "output_too_large")
+    result = json.loads(done.stdout)
+    assert list(result["output_digests"]) == ["small"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_descriptor_exhaustion_stays_inside_the_limit(home: Path):
     script = "python3 -c 'import os\nwhile True: os.open(\"/dev/null\", 0)'"
 

@@ -21,6 +21,7 @@ does not hold (``timeout``, ``missing_output``, ``spawn_failed``)::
     ├── SpawnFailed             spawn_failed          exit 127
     ├── ExecutionTimeout        timeout               504, exit 124
     ├── MissingOutput           missing_output
+    ├── OutputTooLarge          output_too_large      outputs past 4 GiB in all
     ├── DriftDetected           drift_detected
     └── ReplayFailed            replay_failed
     IntegrityFailure (500, exit 4)
@@ -91,6 +92,10 @@ class MissingOutput(Unprocessable):
     code = "missing_output"
 
 
+class OutputTooLarge(Unprocessable):
+    code = "output_too_large"
+
+
 class OutputNotWritable(Conflict):
     code = "output_not_writable"
 
@@ -117,5 +122,12 @@ class StorageFailed(Unavailable):
 
 # The codes a result's ``error_code`` can carry, with the class that describes each.
 RESULT_ERRORS: dict[str, type[RequiemError]] = {
-    cls.code: cls for cls in (SpawnFailed, ExecutionTimeout, MissingOutput, PathEscape)
+    cls.code: cls
+    for cls in (
+        SpawnFailed,
+        ExecutionTimeout,
+        MissingOutput,
+        OutputTooLarge,
+        PathEscape,
+    )
 }

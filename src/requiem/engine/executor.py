@@ -35,6 +35,7 @@ from requiem.engine.policy import (
 from requiem.engine.replay import DRIFT_DETECTED, ReplayReport, compare
 from requiem.engine.runner import Captured, Completed, run_process
 from requiem.engine.workspace import (
+    MAX_OUTPUT_BYTES,
     OutputProblem,
     Scratch,
     capture_outputs,
@@ -488,6 +489,11 @@ def _error_of(
     escaped = [p for p in problems if p.reason == "path_escape"]
     if escaped:
         return "path_escape", f"output {escaped[0].path!r} leads outside the workspace"
+    too_large = [p for p in problems if p.reason == "too_large"]
+    if too_large:
+        limit = f"{MAX_OUTPUT_BYTES >> 30} GiB"
+        msg = f"output {too_large[0].path!r} would take the outputs past {limit}"
+        return "output_too_large", msg
     if problems:
         first = problems[0]
         said = "was not produced" if first.reason == "absent" else "is not a file"

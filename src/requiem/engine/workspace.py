@@ -33,6 +33,9 @@ from requiem.errors import ConfigError
 SKIPPED_NAMES = frozenset({".requiem", ".git", ".venv"})
 EXECUTABLE_MAGIC = (b"#!", b"\x7fELF")
 MAX_SNAPSHOT_FILES = 100_000
+# All declared outputs of one run together; a fixed number, so every machine
+# gives the same result for the same run.
+MAX_OUTPUT_BYTES = 4 << 30
 
 
 def snapshot(
@@ -210,7 +213,7 @@ def _remove_tree(root: Path) -> None:
 @dataclass(frozen=True)
 class OutputProblem:
     path: str
-    reason: str  # absent, not_a_file, path_escape
+    reason: str  # absent, not_a_file, path_escape, too_large
 
 
 def capture_outputs(
@@ -219,6 +222,7 @@ def capture_outputs(
     """Store each declared output file; the missing ones come back as problems."""
     digests: dict[str, str] = {}
     problems: list[OutputProblem] = []
+    total = 0
     for rel in outputs:
         try:
             real = inside(workspace, rel)
@@ -229,7 +233,11 @@ def capture_outputs(
             problems.append(OutputProblem(rel, "absent"))
         elif not real.is_file():
             problems.append(OutputProblem(rel, "not_a_file"))
+        elif total + real.stat().st_size > MAX_OUTPUT_BYTES:
+            # A sparse file costs the child nothing and us hours: never read it.
+            problems.append(OutputProblem(rel, "too_large"))
         else:
+            total += real.stat().st_size
             digests[rel] = cas.put_file(real, durable=False)
     return digests, problems
 
