@@ -306,11 +306,6 @@ def test_chunked_body_over_the_limit_is_413(server: Server) -> None:
     assert_error(response, 413, "body_too_large")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an integer of more than 4300 digits in a JSON body answers 500 "
-    "internal_error; digest.parse_json lets json.loads' ValueError escape",
-)
 def test_huge_integer_in_json_is_a_parse_error(server: Server) -> None:
     body = b'{"command": "/bin/true", "timeout_ms": ' + b"1" * OVER_INT_DIGITS + b"}"
     with server.client(make_key(server.env, tenant("bigint"), "operator")) as client:
@@ -318,11 +313,6 @@ def test_huge_integer_in_json_is_a_parse_error(server: Server) -> None:
     assert_error(response, 400, "json_parse_error")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: audit search since/until near year 1 or 9999 with an offset "
-    "answers 500 (OverflowError in audit_query.parse_time's UTC conversion)",
-)
 @pytest.mark.parametrize(
     "params", [{"since": FAR_TIME}, {"until": "9999-12-31T23:59:59-14:00"}]
 )
@@ -437,13 +427,6 @@ def test_nul_in_query_is_not_a_500_on_postgresql(
 # -- faults found under load, shown at the smallest scale ------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: concurrent pins of one (digest, reason) in one process share a "
-    "temp file name (cas/files.write_atomically uses only the pid), so one "
-    "rename fails with FileNotFoundError; over HTTP, concurrent identical "
-    "uploads or executions with the same output answer 500",
-)
 def test_concurrent_pins_of_one_object_all_succeed(tmp_path) -> None:
     from requiem import digest as dg
     from requiem.cas.store import LocalCAS
@@ -470,13 +453,6 @@ def test_concurrent_pins_of_one_object_all_succeed(tmp_path) -> None:
     assert failures == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (latent since 126a851 moved the 500 path off logger.exception): "
-    "log.configure's ConsoleRenderer still renders any logged exception with its "
-    "local variables, so the next logger.exception near a request writes the "
-    "Authorization header to the log",
-)
 def test_a_logged_exception_never_shows_the_api_key(capsys) -> None:
     from requiem import log
 

@@ -124,3 +124,6 @@ def parse_json(text: str | bytes) -> Any:
     except RecursionError as exc:
         msg = "JSON nests too deeply"
         raise JsonParseError(msg) from exc
+    except ValueError as exc:  # e.g. an integer longer than int() accepts
+        msg = f"invalid JSON: {str(exc).split(';')[0]}"
+        raise JsonParseError(msg) from exc

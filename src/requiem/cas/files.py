@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import secrets
 from pathlib import Path
 
 # NOTE: Python exposes sync() but not syncfs(); syncfs flushes only the filesystem
@@ -73,7 +74,9 @@ def move_no_replace(source: str, target: str) -> None:
 
 def write_atomically(target: Path, body: bytes) -> None:
     """Replace ``target`` with ``body`` durably: temp file, fsync, rename, fsync dir."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    # A random part as well as the pid: two threads of one process writing the same
+    # target must not share (and truncate) one temp file.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, body)

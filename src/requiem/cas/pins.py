@@ -71,7 +71,7 @@ def iter_all(pins_dir: Path) -> Iterator[Pin]:
         for entry in sorted(os.scandir(folder.path), key=lambda e: e.name):
             digest = entry.name.split(".", 1)[0]
             if not dg.is_digest(digest):
-                continue  # a pin being written (".<name>.<pid>.tmp") or a stray file
+                continue  # a pin being written (".<name>.….tmp") or a stray file
             try:
                 with open(entry.path, "rb") as pin_file:
                     fields = json.loads(pin_file.read())

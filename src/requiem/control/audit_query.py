@@ -83,7 +83,10 @@ def parse_time(text: str, now: datetime | None = None) -> datetime:
         if moment is not None:
             if moment.tzinfo is None:
                 return moment.replace(tzinfo=UTC)
-            return moment.astimezone(UTC)
+            try:
+                return moment.astimezone(UTC)
+            except OverflowError:  # year 1 or 9999 pushed past the calendar's edge
+                pass
     msg = (
         f"cannot read {text!r} as a time: use e.g. '24h ago', '7 days ago', "
         "'30m ago' or ISO-8601 like 2026-01-31T12:00:00Z"
