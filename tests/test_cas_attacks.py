@@ -265,27 +265,11 @@ def _endless_device(path: Path) -> None:
             SMALL,
             _fifo,
             id="fifo",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=subprocess.TimeoutExpired,
-                reason="cas/store.py opens a blob without checking it is a regular "
-                "file: a blob replaced by a FIFO makes `cas get` (and `cas verify "
-                "--all`) block forever (left for the CAS owner: open with "
-                "O_NOFOLLOW|O_NONBLOCK and check S_ISREG)",
-            ),
         ),
         pytest.param(
             LARGE,
             _endless_device,
             id="dev-zero",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=subprocess.TimeoutExpired,
-                reason="cas/store.py reads a large blob to its end: one replaced by "
-                "a symlink to /dev/zero makes `cas get` and `cas verify --all` spin "
-                "forever (left for the CAS owner: refuse non-regular files, stop "
-                "reading past stored_size)",
-            ),
         ),
     ],
 )
@@ -309,12 +293,6 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`cas put` on a disk that refuses the write (ENOSPC/EFBIG) ends with "
-    "error[internal_error] and exit 1 instead of its own code (left for the CAS "
-    "owner: map the OSError of a write to a documented error)",
-)
 def test_cas_put_on_a_full_disk_has_its_own_error(home: Path, tmp_path: Path):
     source = tmp_path / "big"
     source.write_bytes(LARGE)

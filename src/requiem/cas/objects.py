@@ -8,13 +8,21 @@ is a ``cas_integrity_failed`` with the reason that names it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import time
 from dataclasses import dataclass
 
 from requiem import digest as dg
-from requiem.errors import IntegrityFailure, InvalidInput, NotFound, RequiemError
+from requiem.errors import (
+    IntegrityFailure,
+    InvalidInput,
+    NotFound,
+    RequiemError,
+    Unavailable,
+)
 
 ENCODINGS = ("identity", "zstd")
 META_SUFFIX = ".meta.json"
@@ -32,6 +40,21 @@ class CasObjectMissing(NotFound):
 
 class InvalidDigest(InvalidInput):
     code = "invalid_digest"
+
+
+class CasStorageFull(Unavailable):
+    code = "cas_storage_full"
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def refused_write(exc: OSError, root: object) -> OSError | CasStorageFull:
+    """The error to raise for a failed write: ``cas_storage_full`` when out of space."""
+    if exc.errno in _FULL:
+        msg = f"the CAS at {root} cannot take more data ({exc.strerror})"
+        return CasStorageFull(msg, root=str(root))
+    return exc
 
 
 @dataclass(frozen=True)
@@ -92,9 +115,22 @@ def parse_meta(digest: str, raw: bytes) -> ObjectMeta:
     return meta
 
 
+def open_regular(path: str) -> int:
+    """A read descriptor for ``path`` if it is a regular file (no link, FIFO, device).
+
+    A FIFO would block a read forever and a link to ``/dev/zero`` never end, so
+    anything but a plain file is refused with an OSError before a byte is read.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    return fd
+
+
 def read_upto(path: str, limit: int) -> bytes:
-    """At most ``limit`` bytes of a small file, without a buffered file object."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """At most ``limit`` bytes of a small regular file, without a file object."""
+    fd = open_regular(path)
     try:
         parts = []
         while limit > 0 and (part := os.read(fd, limit)):

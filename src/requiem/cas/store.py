@@ -55,8 +55,10 @@ from requiem.cas.objects import (
     check_digest,
     check_read,
     now,
+    open_regular,
     parse_meta,
     read_upto,
+    refused_write,
     unreadable_blob,
 )
 from requiem.cas.pins import Pin
@@ -273,6 +275,10 @@ class LocalCAS:
                     view = view[os.write(fd, view) :]
             if durable:
                 os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(name)
+            raise refused_write(exc, self.root) from exc
         except BaseException:
             os.close(fd)
             os.unlink(name)
@@ -320,7 +326,7 @@ class LocalCAS:
         content = dg.hasher()
         stored_size = size = 0
         try:
-            with open(self._blob_name(digest), "rb") as blob:
+            with os.fdopen(open_regular(self._blob_name(digest)), "rb") as blob:
                 unpacker = (
                     self._decompressor().decompressobj()
                     if blob.read(4) == ZSTD_MAGIC
@@ -339,7 +345,7 @@ class LocalCAS:
                         continue
                     content.update(raw)
                     size += len(raw)
-        except FileNotFoundError:
+        except OSError:  # gone, or not a regular file: not a good copy
             return None
         if unpacker is not None and content.hexdigest() == digest:
             encoding, size_out = "zstd", size
@@ -410,7 +416,7 @@ class LocalCAS:
 
     def _open_blob(self, digest: str) -> BinaryIO:
         try:
-            return open(self._blob_name(digest), "rb")  # noqa: SIM115 - caller closes
+            return os.fdopen(open_regular(self._blob_name(digest)), "rb")
         except OSError as exc:
             raise unreadable_blob(digest, exc) from exc
 
@@ -432,6 +438,8 @@ class LocalCAS:
             while piece := blob.read(CHUNK):
                 stored.update(piece)
                 stored_size += len(piece)
+                if stored_size > meta.stored_size:
+                    break  # longer than recorded: reported below, not read to its end
                 if identity:
                     raw = piece
                 elif broken:
