@@ -70,8 +70,10 @@ def test_duplicate_key_is_refused_with_its_code():
     assert caught.value.code == "json_duplicate_key"
 
 
-@pytest.mark.parametrize("text", ['{"a": NaN}', "[Infinity]", "[-Infinity]", "{", ""])
-def test_nan_infinity_and_garbage_are_parse_errors(text):
+@pytest.mark.parametrize(
+    "text", ['{"a": NaN}', "[Infinity]", "[-Infinity]", "{", "", "[" + "7" * 5000 + "]"]
+)
+def test_nan_infinity_huge_integers_and_garbage_are_parse_errors(text):
     with pytest.raises(JsonParseError) as caught:
         digest.parse_json(text)
     assert caught.value.code == "json_parse_error"
