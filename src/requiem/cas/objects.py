@@ -15,6 +15,8 @@ import stat
 import time
 from dataclasses import dataclass
 
+from prometheus_client import Counter
+
 from requiem import digest as dg
 from requiem.errors import (
     IntegrityFailure,
@@ -30,8 +32,20 @@ MAX_SIDECAR = 64 << 10  # a real sidecar is ~300 bytes; more is not one of ours
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
+INTEGRITY_FAILURES = Counter(
+    "requiem_cas_integrity_failures",
+    "CAS objects this process found corrupt (on a read or a verify); never served.",
+)
+
+
 class CasIntegrityFailed(IntegrityFailure):
+    """A stored object failed its checks; each one found is counted for the P0 alert."""
+
     code = "cas_integrity_failed"
+
+    def __init__(self, message: str, **details: object) -> None:
+        super().__init__(message, **details)
+        INTEGRITY_FAILURES.inc()
 
 
 class CasObjectMissing(NotFound):
