@@ -161,6 +161,23 @@ def test_caller_output_symlinked_out_of_the_workspace_is_refused(cli, tmp_path: 
     assert victim.read_text() == "untouched\n"
 
 
+@pytest.mark.parametrize("where", ["home", "cas", "work"])
+def test_workspace_inside_requiem_state_is_refused(cli, home: Path, where: str):
+    place = {"home": home, "cas": home / "cas" / "v2", "work": home / "work"}[where]
+    # A project folder elsewhere under REQUIEM_HOME (the demo's checkouts) is fine.
+    place.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (home / "requiem.db").write_text("not for the child\n")
+
+    done = cli(
+        "run", "--", "cat", "requiem.db",
+        cwd=place, env={"REQUIEM_WORK_DIR": str(home / "work")},
+    )  # fmt: skip
+
+    assert done.code == 2
+    one_error_line(done.stderr, "invalid_request")
+    assert "not for the child" not in done.stdout
+
+
 def test_non_utf8_file_name_in_the_workspace_is_invalid_request(cli, tmp_path: Path):
     os.mkdir(tmp_path / "w")
     with open(os.path.join(os.fsencode(tmp_path / "w"), b"bad\xffname"), "wb"):
@@ -306,7 +323,7 @@ def _limit_file_size() -> None:
 
 
 @pytest.mark.skipif(not shutil.which("bwrap"), reason="needs bubblewrap")
-def test_cli_run_whose_stdout_cannot_be_stored_says_storage_failed(
+def test_cli_run_whose_stdout_cannot_be_stored_says_so(
     home: Path, tmp_path: Path
 ):
     # RLIMIT_FSIZE makes the CAS's writes fail with EFBIG, as a full disk would.
@@ -318,7 +335,7 @@ def test_cli_run_whose_stdout_cannot_be_stored_says_storage_failed(
     )  # fmt: skip
 
     assert done.returncode == 6
-    one_error_line(done.stderr.decode(), "storage_failed")
+    one_error_line(done.stderr.decode(), "cas_storage_full")
 
 
 # -- the action cache --------------------------------------------------------------

@@ -57,6 +57,14 @@ def snapshot(
         msg = f"workspace {directory} is not a directory"
         raise InvalidRequest(msg, field="workspace_root")
     left_out = {Path(os.path.realpath(p)) for p in (cas.root, *skip_dirs)}
+    cas_root = Path(os.path.realpath(cas.root))
+    for place in left_out:
+        if root == place or (place == cas_root and place in root.parents):
+            msg = (
+                f"workspace {directory} lies in {place}, which holds Requiem's own "
+                "state (CAS, database, keys or scratch runs); use a project directory"
+            )
+            raise InvalidRequest(msg, field="workspace_root")
 
     found: dict[str, str] = {}
     for current, dirnames, filenames in os.walk(root):
