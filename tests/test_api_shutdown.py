@@ -36,6 +36,32 @@ def children_of(pid: int) -> set[int]:
     return found
 
 
+def run_slow_execution(server, key: str) -> tuple[threading.Thread, list]:
+    """A thread posting a 2 s execution; its answer lands in the returned list."""
+    slow = {"command": "/bin/sleep", "argv": ["2"], "policy": {"sandbox": False}}
+    answers: list[httpx.Response] = []
+
+    def run_slow() -> None:
+        with server.client(key) as client:
+            answers.append(client.post("/api/v1/executions", json=slow))
+
+    worker = threading.Thread(target=run_slow)
+    worker.start()
+    return worker, answers
+
+
+def assert_recorded_and_audited(server, executed: dict) -> None:
+    engine = make_engine(settings.load(server.env))
+    with session_factory(engine)() as session:
+        row = session.get(Execution, executed["id"])
+        audited = session.scalars(
+            select(AuditEntry.target).where(AuditEntry.action == "execution.run")
+        ).all()
+    engine.dispose()
+    assert row is not None and row.result_digest == executed["result_digest"]
+    assert executed["id"] in audited
+
+
 def test_execution_in_flight_at_sigterm_completes_is_recorded_and_exit_is_0(
     tmp_path: Path,
 ):
@@ -46,15 +72,7 @@ def test_execution_in_flight_at_sigterm_completes_is_recorded_and_exit_is_0(
         REQUIEM_SHUTDOWN_GRACE_S="20",
     )
     key = make_key(server.env, "drain", "operator", operator=True)
-    slow = {"command": "/bin/sleep", "argv": ["2"], "policy": {"sandbox": False}}
-    answers: list[httpx.Response] = []
-
-    def run_slow() -> None:
-        with server.client(key) as client:
-            answers.append(client.post("/api/v1/executions", json=slow))
-
-    worker = threading.Thread(target=run_slow)
-    worker.start()
+    worker, answers = run_slow_execution(server, key)
     with server.client(key) as client:
         wait_for(lambda: client.get("/api/v1/status").json()["executions_running"] == 1)
         queued = client.post("/api/v1/executions", json={"command": "/bin/true"})
@@ -71,15 +89,7 @@ def test_execution_in_flight_at_sigterm_completes_is_recorded_and_exit_is_0(
     assert executed["status"] == "succeeded"
     assert code == 0, server.log()
 
-    engine = make_engine(settings.load(server.env))
-    with session_factory(engine)() as session:
-        row = session.get(Execution, executed["id"])
-        audited = session.scalars(
-            select(AuditEntry.target).where(AuditEntry.action == "execution.run")
-        ).all()
-    engine.dispose()
-    assert row is not None and row.result_digest == executed["result_digest"]
-    assert executed["id"] in audited
+    assert_recorded_and_audited(server, executed)
 
 
 def test_second_sigterm_kills_the_running_children_and_exits(tmp_path: Path):
@@ -124,3 +134,38 @@ def test_draining_turns_readiness_and_new_requests_to_503(
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "shutting_down"
     assert json.loads(refused.text)["ok"] is False
+
+
+def test_runbook_shutdown_order_keeps_the_execution_in_flight(tmp_path: Path):
+    """Pause → audit flush → pool drain → SIGTERM, with one execution running."""
+    server = start(tmp_path, REQUIEM_SHUTDOWN_GRACE_S="20")
+    key = make_key(server.env, "order", "admin", operator=True)
+    worker, answers = run_slow_execution(server, key)
+    with server.client(key) as ops:
+        wait_for(lambda: ops.get("/api/v1/status").json()["executions_running"] == 1)
+        paused = ops.post("/api/admin/flags/execution_pause", json={"value": True})
+        flushed = ops.post("/api/admin/audit/flush")
+        drained = ops.post("/api/admin/db/pool/drain", params={"timeout_s": 20})
+        worker.join(30)
+        health = ops.get("/api/health")
+        late = ops.get("/api/v1/executions")
+        time.sleep(0.5)  # the old flusher failed within 0.2 s of a drain
+    code = server.stop()
+
+    assert paused.status_code == 200 and flushed.status_code == 200
+    assert drained.status_code == 200, drained.text
+    assert drained.json()["drained"] is True
+    assert drained.json()["in_flight"] == 0
+    assert answers and answers[0].status_code == 201, answers[0].text
+    assert health.status_code == 503
+    assert health.json()["status"] == "draining"
+    assert health.json()["checks"]["database"]["ok"] is True
+    assert late.status_code == 503
+    assert late.json()["error"]["code"] == "pool_draining"
+    log_text = server.log()
+    assert code == 0, log_text
+    assert "Traceback" not in log_text
+    assert "audit_flush_failed" not in log_text
+
+    executed = answers[0].json()
+    assert_recorded_and_audited(server, executed)

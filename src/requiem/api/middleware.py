@@ -77,6 +77,7 @@ class ServiceMiddleware:
 
         metrics.ACTIVE_REQUESTS.inc()
         self.service.active_requests += 1
+        self.service.request_started(request_id)
         token = current_request_id.set(request_id)
         try:
             refusal = await self._gate(scope, headers)
@@ -109,6 +110,7 @@ class ServiceMiddleware:
             current_request_id.reset(token)
             metrics.ACTIVE_REQUESTS.dec()
             self.service.active_requests -= 1
+            self.service.request_finished(request_id)
             self._observe(scope, status["code"], started, request_id)
 
     async def _gate(

@@ -142,6 +142,7 @@ class PoolLeak(BaseModel):
 class PoolDrain(BaseModel):
     drained: bool
     checked_out: int
+    in_flight: int
     waited_s: float
     holders: list[PoolLeak]
 
@@ -164,7 +165,10 @@ async def pool_status(request: Request, principal: OperatorAdmin) -> Any:
 @router.post(
     "/db/pool/drain",
     response_model=PoolDrain,
-    summary="Refuse new checkouts and wait for every connection to come back",
+    summary=(
+        "Refuse new checkouts; let requests already in flight record their work; "
+        "wait for every connection to come back"
+    ),
     responses=errors(401, 403),
 )
 async def pool_drain(
@@ -172,8 +176,8 @@ async def pool_drain(
     principal: OperatorAdmin,
     timeout_s: Annotated[float, Query(ge=0, le=300)] = 10.0,
 ) -> Any:
-    pool = get_service(request).pool
-    return await anyio.to_thread.run_sync(pool.drain, timeout_s)
+    service = get_service(request)
+    return await anyio.to_thread.run_sync(service.drain_pool, timeout_s)
 
 
 @router.get(
@@ -198,5 +202,4 @@ async def pool_leaks(
     responses=errors(401, 403),
 )
 async def pool_reset(request: Request, principal: OperatorAdmin) -> Any:
-    pool = get_service(request).pool
-    return await anyio.to_thread.run_sync(pool.reset)
+    return await anyio.to_thread.run_sync(get_service(request).reset_pool)

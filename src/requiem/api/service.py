@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -32,7 +33,7 @@ from requiem.errors import RequiemError, TooManyRequests
 from requiem.settings import Settings
 from requiem.store.bootstrap import ensure_schema
 from requiem.store.db import make_engine, session_factory
-from requiem.store.pool import PoolMonitor
+from requiem.store.pool import PoolMonitor, current_request_id
 
 logger = log.get("requiem.api")
 
@@ -143,6 +144,9 @@ class Service:
         self.pool = PoolMonitor(self.db)
         self._side_db: SqlEngine | None = None
         self.active_requests = 0
+        self._in_flight: Counter[str] = Counter()
+        self._in_flight_lock = threading.Lock()
+        self._audit_paused = False
         self.engine = Engine(self.cas, settings)
         self.executions = ExecutionService(
             self.sessions,
@@ -174,15 +178,79 @@ class Service:
         logger.info("service_started", version=__version__)
 
     def stop(self) -> None:
-        """Flush what is buffered, drain the pool, release the database."""
+        """Flush what is buffered, drain the pool, release the database.
+
+        After ``db pool drain`` the pool is closed; it is reopened for this last
+        flush (one log line says so) so pending audit entries are linked, not lost.
+        """
         self.executions.writer.close()
+        if self.pool.draining:
+            logger.info("pool_reopened_for_final_flush")
+            self.pool.reset()
         if self.audit_service is not None:
-            self.audit_service.stop()
+            try:
+                self.audit_service.stop()
+            except Exception as exc:  # noqa: BLE001 - entries stay in audit_pending
+                logger.warning(
+                    "final_audit_flush_skipped",
+                    error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                )
         self.pool.drain(self.settings.float("REQUIEM_SHUTDOWN_GRACE_S"))
         self.db.dispose()
         if self._side_db is not None:
             self._side_db.dispose()
         logger.info("service_stopped")
+
+    # -- requests in flight and the pool -------------------------------------------
+
+    def request_started(self, request_id: str) -> None:
+        with self._in_flight_lock:
+            self._in_flight[request_id] += 1
+
+    def request_finished(self, request_id: str) -> None:
+        with self._in_flight_lock:
+            self._in_flight[request_id] -= 1
+            if self._in_flight[request_id] <= 0:
+                del self._in_flight[request_id]
+        self.pool.finished(request_id)
+
+    def drain_pool(self, timeout_s: float) -> dict[str, Any]:
+        """Drain the pool without losing accepted work (``db pool drain``).
+
+        Requests in flight now (except the caller's own) may still record their
+        results; once they are done the audit flusher is stopped after a last
+        flush, so a drained pool is quiet. :meth:`reset_pool` starts it again.
+        """
+        with self._in_flight_lock:
+            in_flight = Counter(self._in_flight)
+        own = current_request_id.get()
+        if own is not None and in_flight[own] > 0:
+            in_flight[own] -= 1
+        return self.pool.drain(
+            timeout_s, in_flight.elements(), before_close=self._pause_audit
+        )
+
+    def reset_pool(self) -> dict[str, Any]:
+        """Reopen the pool and restart the audit flusher a drain paused."""
+        state = self.pool.reset()
+        if self._audit_paused and self.audit_service is not None:
+            self.audit_service.start()
+            self._audit_paused = False
+        return state
+
+    def _pause_audit(self) -> None:
+        if self.audit_service is None or self._audit_paused:
+            return
+        self._audit_paused = True
+        try:
+            report = self.audit_service.stop()
+        except Exception as exc:  # noqa: BLE001 - entries stay in audit_pending
+            logger.warning(
+                "audit_flush_before_drain_failed",
+                error=f"{type(exc).__name__}: {str(exc)[:200]}",
+            )
+            return
+        logger.info("audit_flusher_paused_for_drain", linked=report.linked)
 
     def status(self) -> dict[str, Any]:
         """This process's load and switches, for ``requiem status``."""
@@ -235,11 +303,14 @@ class Service:
         A drained pool hands out no connection, yet an admin must still be able to
         authenticate to reset it; keys are then checked over a one-off connection.
         """
-        if not self.pool.status()["draining"]:
+        if not self.pool.draining:
             return self.sessions
+        return session_factory(self._side_engine())
+
+    def _side_engine(self) -> SqlEngine:
         if self._side_db is None:
             self._side_db = create_engine(self.db.url, poolclass=NullPool)
-        return session_factory(self._side_db)
+        return self._side_db
 
     def audit_failed_auth(
         self, exc: RequiemError, request_id: str | None, source_ip: str | None
@@ -263,17 +334,23 @@ class Service:
     # -- health ------------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
-        """The health document, recomputed at most once a second."""
+        """The health document, recomputed at most once a second.
+
+        A drained pool makes the process not ready (status ``draining``) — it can
+        serve nothing — while the database check still probes the database over a
+        one-off connection.
+        """
         if time.monotonic() - self._health_at >= HEALTH_TTL_S:
-            await anyio.to_thread.run_sync(self._refresh_health)
+            await anyio.to_thread.run_sync(self.refresh_health)
         assert self._health is not None
         document = dict(self._health)
-        if self.draining:
+        if self.draining or self.pool.draining:
             document["status"] = "draining"
             document["ready"] = False
         return document
 
-    def _refresh_health(self) -> None:
+    def refresh_health(self) -> None:
+        """Run the checks unless the last run is under a second old."""
         with self._health_lock:
             if time.monotonic() - self._health_at < HEALTH_TTL_S:
                 return
@@ -296,7 +373,8 @@ class Service:
             self._health_at = time.monotonic()
 
     def _check_database(self) -> dict[str, Any]:
-        with self.db.connect() as connection:
+        engine = self._side_engine() if self.pool.draining else self.db
+        with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
         return {"backend": self.db.dialect.name}
 

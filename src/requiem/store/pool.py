@@ -1,5 +1,11 @@
 """Watching and steering a connection pool: status, drain, leaks, reset.
 
+A drain never strands work the server already accepted: requests in flight when it
+starts (``in_flight``, by request id) may still check out connections to record
+their results, and so may the server's own threads (no request id: the group-commit
+writer, the audit flusher) while any such request is unfinished. Everyone else gets
+``pool_draining``.
+
 ``PoolMonitor(engine)`` listens to the engine's pool events. Each checkout is noted
 with when, by which thread, from which code (a short stack summary) and for which
 request (``current_request_id``, a context variable the HTTP layer sets), so a
@@ -12,6 +18,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -62,6 +70,8 @@ class PoolMonitor:
         self._held: dict[int, _Checkout] = {}
         self._checkouts_total = 0
         self._draining = False
+        self._admitted: Counter[str] = Counter()
+        self._internal_open = False
         event.listen(engine, "checkout", self._on_checkout)
         event.listen(engine, "checkin", self._on_checkin)
         self._install_gate()
@@ -71,9 +81,27 @@ class PoolMonitor:
             self.engine.pool.gate = self._gate
 
     def _gate(self) -> None:
-        if self._draining:
+        if not self._draining:
+            return
+        request_id = current_request_id.get()
+        with self._lock:
+            if request_id is None:
+                allowed = self._internal_open or bool(self._admitted)
+            else:
+                allowed = self._admitted[request_id] > 0
+        if not allowed:
             msg = "the database pool is draining: no new connections are handed out"
             raise PoolDraining(msg)
+
+    def finished(self, request_id: str) -> None:
+        """A request admitted before a drain is done: it needs no more connections."""
+        if not self._admitted:
+            return
+        with self._lock:
+            if self._admitted[request_id] > 0:
+                self._admitted[request_id] -= 1
+            if self._admitted[request_id] <= 0:
+                del self._admitted[request_id]
 
     def _on_checkout(self, _dbapi: Any, record: Any, _proxy: Any) -> None:
         self._gate()  # pools without a gate refuse here instead
@@ -91,6 +119,10 @@ class PoolMonitor:
     def _on_checkin(self, _dbapi: Any, record: Any) -> None:
         with self._lock:
             self._held.pop(id(record), None)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     def status(self) -> dict[str, Any]:
         """Size, checked out, overflow, waiters, checkouts since start, draining."""
@@ -112,29 +144,59 @@ class PoolMonitor:
             "draining": self._draining,
         }
 
-    def drain(self, timeout_s: float) -> dict[str, Any]:
-        """Refuse new checkouts, wait up to ``timeout_s`` for every connection back.
+    def drain(
+        self,
+        timeout_s: float,
+        in_flight: Iterable[str] = (),
+        before_close: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        """Refuse new checkouts, let admitted work finish, wait for every connection.
 
-        Idle connections are closed once all are back. The pool stays closed to new
-        checkouts (``pool_draining``) until :meth:`reset`.
+        ``in_flight`` are the ids of requests accepted before the drain: they keep
+        checking out until :meth:`finished` is called for each, within ``timeout_s``
+        or after it. Once they are done (or the time is up) ``before_close`` runs,
+        still allowed to use the pool (the server stops its audit flusher there);
+        then only admitted work still running may check out. Idle connections are
+        closed once all are back. The pool stays closed to new checkouts
+        (``pool_draining``) until :meth:`reset`.
         """
-        self._draining = True
         started = time.monotonic()
         deadline = started + timeout_s
-        while True:
-            with self._lock:
-                remaining = len(self._held)
-            if remaining == 0 or time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
-        if remaining == 0:
+        with self._lock:
+            self._admitted = Counter(in_flight)
+            self._internal_open = True
+            self._draining = True
+        self._wait(deadline, lambda: not self._admitted)
+        if before_close is not None:
+            token = current_request_id.set(None)
+            try:
+                before_close()
+            finally:
+                current_request_id.reset(token)
+        with self._lock:
+            self._internal_open = False
+        self._wait(deadline, lambda: not self._admitted and not self._held)
+        with self._lock:
+            remaining, unfinished = len(self._held), sum(self._admitted.values())
+        drained = remaining == 0 and unfinished == 0
+        if drained:
             self.engine.pool.dispose()
         return {
-            "drained": remaining == 0,
+            "drained": drained,
             "checked_out": remaining,
+            "in_flight": unfinished,
             "waited_s": round(time.monotonic() - started, 3),
             "holders": [] if remaining == 0 else self.leaks(0.0),
         }
+
+    def _wait(self, deadline: float, done: Callable[[], bool]) -> None:
+        while True:
+            with self._lock:
+                if done():
+                    return
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def leaks(self, threshold_s: float) -> list[dict[str, Any]]:
         """Connections held longer than ``threshold_s``, longest first."""
@@ -161,5 +223,8 @@ class PoolMonitor:
         """
         self.engine.dispose()
         self._install_gate()
-        self._draining = False
+        with self._lock:
+            self._draining = False
+            self._internal_open = False
+            self._admitted.clear()
         return self.status()
