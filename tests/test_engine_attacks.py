@@ -21,7 +21,7 @@ import pytest
 from requiem import digest as dg
 from requiem import settings
 from requiem.cas.store import LocalCAS
-from requiem.engine import Engine, ExecutionRequest, policy
+from requiem.engine import Engine, ExecutionRequest, policy, workspace
 from requiem.engine import cache as action_cache
 from requiem.errors import RequiemError
 
@@ -178,6 +178,21 @@ def test_workspace_inside_requiem_state_is_refused(cli, home: Path, where: str):
     assert "not for the child" not in done.stdout
 
 
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+def test_a_file_swapped_for_something_else_is_not_read(
+    home: Path, tmp_path: Path, kind: str
+):
+    path = tmp_path / "swapped"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        path.symlink_to("/etc/hostname")
+    else:
+        path.mkdir()
+
+    assert workspace.put_regular_file(make_engine().cas, path) is None
+
+
 def test_non_utf8_file_name_in_the_workspace_is_invalid_request(cli, tmp_path: Path):
     os.mkdir(tmp_path / "w")
     with open(os.path.join(os.fsencode(tmp_path / "w"), b"bad\xffname"), "wb"):
@@ -323,9 +338,7 @@ def _limit_file_size() -> None:
 
 
 @pytest.mark.skipif(not shutil.which("bwrap"), reason="needs bubblewrap")
-def test_cli_run_whose_stdout_cannot_be_stored_says_so(
-    home: Path, tmp_path: Path
-):
+def test_cli_run_whose_stdout_cannot_be_stored_says_so(home: Path, tmp_path: Path):
     # RLIMIT_FSIZE makes the CAS's writes fail with EFBIG, as a full disk would.
     done = subprocess.run(
         [sys.executable, "-m", "requiem", "run", "--", "head", "-c", "5000000",

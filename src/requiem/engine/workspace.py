@@ -11,6 +11,7 @@ otherwise 0644 — a function of the bytes, so the digests stand for the files.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -87,12 +88,37 @@ def snapshot(
                 path = target
             elif not path.is_file():
                 continue
-            found[rel] = cas.put_file(path, durable=False)
+            digest = put_regular_file(cas, path)
+            if digest is None:
+                continue  # replaced by a symlink or special file since listed
+            found[rel] = digest
             if len(found) > MAX_SNAPSHOT_FILES:
                 msg = f"workspace has more than {MAX_SNAPSHOT_FILES} files"
                 raise InvalidRequest(msg, field="workspace_root")
     cas.sync()
     return found
+
+
+def put_regular_file(cas: LocalCAS, path: Path) -> str | None:
+    """Store ``path`` if it is still a regular file when opened, else None.
+
+    The checks before this call look at the path; between them and the read, a
+    co-writer of the directory could swap in a symlink to a host file or a FIFO.
+    Opening without following a final symlink and without blocking, then
+    checking the open file itself, closes that window for the last component.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.ENOENT):
+            return None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    with os.fdopen(fd, "rb") as stream:
+        return cas.put_stream(stream, durable=False)
 
 
 def _utf8_name(rel: str) -> None:
@@ -246,7 +272,11 @@ def capture_outputs(
             problems.append(OutputProblem(rel, "too_large"))
         else:
             total += real.stat().st_size
-            digests[rel] = cas.put_file(real, durable=False)
+            digest = put_regular_file(cas, real)
+            if digest is None:
+                problems.append(OutputProblem(rel, "not_a_file"))
+            else:
+                digests[rel] = digest
     return digests, problems
 
 
