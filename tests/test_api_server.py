@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from live_keys import make_key, make_key_with_id, set_budget, set_tenant_status
-from live_server import Server, cli, start
+from live_server import Server, cli, server_env, start
 
 SLEEP = "/bin/sleep"
 CAT = "/bin/cat"
@@ -374,3 +375,18 @@ def test_pool_admin_routes_drain_refuse_and_reset(server: Server):
     assert_error(refused, 503, "pool_draining")
     assert reset.status_code == 200 and reset.json()["draining"] is False
     assert after.status_code == 200
+
+
+def test_serve_on_a_busy_port_says_address_in_use_and_exits_6(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        result = cli(server_env(tmp_path), "serve", "--port", str(port))
+
+    assert result.returncode == 6, result.stderr
+    assert "serving on" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"requiem: error[address_in_use]: 127.0.0.1:{port} is already in use; "
+        "stop what holds it or choose --port"
+    ]

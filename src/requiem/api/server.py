@@ -7,6 +7,9 @@ connections, lets in-flight requests and executions finish for up to
 drain) and exits 0. A second signal, or the end of the grace period, kills the
 children still running (the executions' processes) so the exit is not held up.
 
+The socket is bound before anything is announced: a busy port is one line,
+``address_in_use`` (exit 6), never a "serving on" followed by uvicorn's error.
+
 With ``--workers N`` a small supervisor binds the socket once and runs N worker
 processes that share it; it forwards signals to them and exits once they have.
 uvicorn's own supervisor builds a plain ``uvicorn.Server`` in each worker, which
@@ -16,6 +19,7 @@ would lose this shutdown behaviour, hence the few lines here.
 from __future__ import annotations
 
 import ctypes
+import errno
 import multiprocessing
 import os
 import resource
@@ -29,6 +33,7 @@ import uvicorn
 
 from requiem import log
 from requiem.api.service import SHUTDOWN
+from requiem.errors import Unavailable
 
 logger = log.get("requiem.serve")
 
@@ -36,6 +41,35 @@ APP = "requiem.api.app:app_from_environment"
 PROCESS_NAME = b"requiem"
 PR_SET_NAME = 15
 RESERVED_FDS = 256
+LISTEN_BACKLOG = 2048
+
+
+class AddressInUse(Unavailable):
+    code = "address_in_use"
+
+
+class CannotBind(Unavailable):
+    code = "cannot_bind"
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``; ``address_in_use`` when it is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            msg = f"{where} is already in use; stop what holds it or choose --port"
+            raise AddressInUse(msg, host=host, port=port) from None
+        msg = f"cannot listen on {where}: {exc.strerror or exc}"
+        raise CannotBind(msg, host=host, port=port) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def name_process() -> None:
@@ -136,16 +170,17 @@ def _config(host: str, port: int, grace_s: float, log_level: str) -> uvicorn.Con
     )
 
 
-def serve(host: str, port: int, workers: int, grace_s: float, log_level: str) -> int:
-    """Run the server until a signal ends it; the exit code to leave with."""
+def serve(sock: socket.socket, workers: int, grace_s: float, log_level: str) -> int:
+    """Serve on ``sock`` (from :func:`bind`) until a signal ends it; the exit code."""
     name_process()
+    host, port = sock.getsockname()[:2]
     config = _config(host, port, grace_s, log_level)
     if workers <= 1:
         server = GracefulServer(config, grace_s)
-        server.run()
+        server.run(sockets=[sock])
+        sock.close()
         return 0 if server.started else 3
 
-    sock = config.bind_socket()
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(

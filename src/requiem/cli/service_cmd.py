@@ -55,6 +55,7 @@ def serve(
     workers: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
 ) -> None:
     """Run the HTTP API (binds 127.0.0.1:8080 unless told otherwise)."""
+    from requiem.api.server import bind
     from requiem.api.server import serve as run_server
     from requiem.store import profile
 
@@ -73,10 +74,10 @@ def serve(
         raise errors.UsageError(f"--port {bind_port} is not a TCP port")
     if count < 1:
         raise errors.UsageError("--workers must be at least 1")
+    sock = bind(bind_host, bind_port)
     output.note(f"requiem {__version__} serving on http://{bind_host}:{bind_port}")
     code = run_server(
-        bind_host,
-        bind_port,
+        sock,
         count,
         config.float("REQUIEM_SHUTDOWN_GRACE_S"),
         str(config.get("REQUIEM_LOG_LEVEL")),
