@@ -90,6 +90,14 @@ def test_common_credential_names_are_stripped(name: str):
     assert policy.filter_env(request).secret == [name]
 
 
+def test_malformed_env_option_does_not_echo_its_text(cli, tmp_path: Path):
+    done = cli("run", "--env", "A=1", "--env", "ghp_pastedTokenValue", "--", "true")
+
+    assert done.code == 2
+    one_error_line(done.stderr, "usage_error")
+    assert "ghp_pastedTokenValue" not in done.stderr + done.stdout
+
+
 def test_result_digest_ignores_caller_tz_locale_umask_and_cwd(cli, tmp_path: Path):
     script = "date; ls -l; umask; pwd; hostname; echo $TZ $LANG; cat a.txt"
     digests = []

@@ -59,10 +59,11 @@ def _engine() -> Engine:
 
 def _env_pairs(pairs: list[str]) -> dict[str, str]:
     env: dict[str, str] = {}
-    for pair in pairs:
+    for number, pair in enumerate(pairs, start=1):
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            msg = f"--env wants NAME=VALUE, got {pair!r}"
+            # The text is not repeated: a pasted token must not reach the terminal.
+            msg = f"--env wants NAME=VALUE; --env number {number} is not of that form"
             raise UsageError(msg)
         env[name] = value
     return env
