@@ -35,10 +35,26 @@ _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 OPEN_DURING_MAINTENANCE = ("/api/health", "/api/metrics", "/api/admin/")
 DOCS_PATHS = ("/api/openapi.json", "/api/docs")
 MAINTENANCE_RETRY_AFTER_S = 30
+HEALTH_ROUTE = "/api/health"
+PLANNED_REFUSALS = frozenset(
+    {"shutting_down", "maintenance", "execution_paused", "pool_draining"}
+)
 
 
 def new_request_id() -> str:
     return "req_" + secrets.token_hex(8)
+
+
+def is_fault(route: str, status: int, code: str | None) -> bool:
+    """Whether an answer counts in ``requiem_errors_total`` (the alerts' error rate).
+
+    Faults are 5xx answers other than the deliberate ones: a health document saying
+    "not ready" and the refusals an operator asks for (``PLANNED_REFUSALS``), so a
+    planned drain, pause or maintenance never fires the error-rate alerts.
+    """
+    if status < 500 or code in PLANNED_REFUSALS:
+        return False
+    return not (route == HEALTH_ROUTE and code is None)
 
 
 def retry_after(exc: RequiemError) -> dict[str, str]:
@@ -197,9 +213,9 @@ class ServiceMiddleware:
         method = scope["method"]
         metrics.REQUESTS.labels(route, method, str(status)).inc()
         metrics.REQUEST_DURATION.labels(route, method).observe(elapsed)
-        if status >= 500:
-            code = scope.get("state", {}).get("error_code", "internal_error")
-            metrics.ERRORS.labels(route, method, code).inc()
+        code = scope.get("state", {}).get("error_code")
+        if is_fault(route, status, code):
+            metrics.ERRORS.labels(route, method, code or "internal_error").inc()
         logger.info(
             "request",
             method=method,
