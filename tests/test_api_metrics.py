@@ -1,4 +1,4 @@
-"""Metrics the alerts read."""
+"""Metrics the alerts read: the error rate's numerator and ``requiem_database_up``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
+from sqlalchemy import create_engine
 
 from requiem import settings
 from requiem.api.app import create_app
@@ -57,3 +58,20 @@ def test_a_fault_counts_under_its_real_code(app, monkeypatch: pytest.MonkeyPatch
     assert answer.json()["error"]["code"] == "internal_error"
     assert errors_total("internal_error") == before + 1
 
+
+def test_database_up_turns_0_when_the_database_cannot_be_reached(app, tmp_path: Path):
+    service = app.state.service
+    with TestClient(app) as client:
+        up = client.get("/api/metrics").text
+        reachable = service.db
+        service.db = create_engine(f"sqlite:///{tmp_path}/missing/dir/db.sqlite")
+        service._health_at = float("-inf")
+        down = client.get("/api/metrics").text
+        health = client.get("/api/health")
+        service.db.dispose()
+        service.db = reachable
+
+    assert "requiem_database_up 1.0" in up.splitlines()
+    assert "requiem_database_up 0.0" in down.splitlines()
+    assert health.status_code == 503
+    assert health.json()["checks"]["database"]["ok"] is False

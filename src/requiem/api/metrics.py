@@ -48,6 +48,10 @@ REQUEST_DURATION = Histogram(
     ["route", "method"],
     buckets=LATENCY_BUCKETS,
 )
+DATABASE_UP = Gauge(
+    "requiem_database_up",
+    "1 when the last health check reached the database, 0 otherwise.",
+)
 ACTIVE_REQUESTS = Gauge(
     "requiem_active_requests", "HTTP requests being answered right now."
 )

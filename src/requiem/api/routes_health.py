@@ -55,6 +55,11 @@ async def health(request: Request) -> Any:
         }
     },
 )
-def metrics_text() -> Response:
-    """Every metric of the process's default registry, in Prometheus text format."""
+def metrics_text(request: Request) -> Response:
+    """Every metric of the process's default registry, in Prometheus text format.
+
+    The health checks behind ``requiem_database_up`` are rerun first when they are
+    over a second old, so a scrape never reports a stale database state.
+    """
+    get_service(request).refresh_health()
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
 from requiem import __version__, log
+from requiem.api import metrics
 from requiem.cas.store import LocalCAS
 from requiem.control import audit, credentials
 from requiem.control.credentials import Principal
@@ -338,7 +339,7 @@ class Service:
 
         A drained pool makes the process not ready (status ``draining``) — it can
         serve nothing — while the database check still probes the database over a
-        one-off connection.
+        one-off connection, so ``requiem_database_up`` stays true to the database.
         """
         if time.monotonic() - self._health_at >= HEALTH_TTL_S:
             await anyio.to_thread.run_sync(self.refresh_health)
@@ -371,6 +372,7 @@ class Service:
                 "checks": checks,
             }
             self._health_at = time.monotonic()
+            metrics.DATABASE_UP.set(1 if checks["database"]["ok"] else 0)
 
     def _check_database(self) -> dict[str, Any]:
         engine = self._side_engine() if self.pool.draining else self.db
