@@ -227,14 +227,8 @@ def test_gc_keeps_everything_a_cached_result_references(home: Path, tmp_path: Pa
     assert _failed_checks_after_gc(engine, result) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gc roots are only the action cache and pins: a stored result that is "
-    "not cached (timeout, wall_clock, or replaced by --no-cache) loses its streams "
-    "and its result blob to `cas gc`, and `digest verify --result` then fails "
-    "(left for the lead: decide what roots a CLI result file)",
-)
 def test_gc_keeps_what_an_uncached_stored_result_references(home: Path):
+    """Every stored result is a root: wall-clock runs are never cached, yet kept."""
     engine = _engine()
     request = ExecutionRequest.from_mapping(
         {

@@ -114,11 +114,17 @@ def _load_json_object(cas: LocalCAS, digest: str, walk: RootWalk) -> Any:
 
 
 def walk_roots(cas: LocalCAS) -> RootWalk:
-    """Every digest the action cache and the pins keep alive."""
+    """Every digest the action cache and the pins keep alive.
+
+    A pinned result (the engine pins every result it hands out) keeps what it
+    references, like a cached one.
+    """
     walk = RootWalk()
+    pinned: list[str] = []  # followed when they are results or requests
     for pin in cas.iter_pins():
         walk.pins += 1
         walk.referenced.add(pin.digest)
+        pinned.append(pin.digest)
 
     pending: list[str] = []  # result blobs: followed whatever their kind
     for entry in _iter_action_entries(cas):
@@ -136,7 +142,7 @@ def walk_roots(cas: LocalCAS) -> RootWalk:
         pending.append(result_blob)
 
     followed: set[str] = set()
-    candidates: list[str] = []
+    candidates: list[str] = pinned
     while pending or candidates:
         if pending:
             digest, is_root = pending.pop(), True

@@ -192,6 +192,10 @@ class Engine:
             )
 
             blob = self.cas.put_bytes(dg.canonical_json(result.stored()), durable=False)
+            if store:
+                # Every result handed out stays verifiable: its blob is a GC root
+                # even when it is not (or no longer) the action cache's answer.
+                self.cas.pin(blob, "result")
             self.cas.sync()
             if store and _cacheable(normal, result):
                 cache.store(self.cas, key, blob)
