@@ -78,9 +78,18 @@ def test_execution_in_flight_at_sigterm_completes_is_recorded_and_exit_is_0(
         queued = client.post("/api/v1/executions", json={"command": "/bin/true"})
 
     server.process.send_signal(signal.SIGTERM)
+    with server.client(key) as client:
+        wait_for(lambda: client.get("/api/health").status_code == 503)
+        health = client.get("/api/health")
+        refused = client.get("/api/v1/executions")
+        still_running = not answers
     worker.join(30)
     code = server.process.wait(30)
 
+    assert still_running, "the execution ended before the checks; make it longer"
+    assert health.json()["status"] == "draining"
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "shutting_down"
     assert queued.status_code == 429
     assert queued.json()["error"]["code"] == "execution_queue_full"
     assert queued.headers["retry-after"] == "1"

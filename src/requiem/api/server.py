@@ -1,10 +1,11 @@
 """``requiem serve``: uvicorn with the shutdown the runbook expects.
 
 On the first SIGTERM (or SIGINT) a process marks itself draining — readiness answers
-503 at once and new requests get 503 ``shutting_down`` — stops accepting
-connections, lets in-flight requests and executions finish for up to
-``REQUIEM_SHUTDOWN_GRACE_S``, then runs the app's shutdown (audit flush, pool
-drain) and exits 0. A second signal, or the end of the grace period, kills the
+503 at once and new requests get 503 ``shutting_down`` — while it keeps accepting
+connections (so clients get that answer, not a refused connection) until the
+in-flight requests and executions are done or ``REQUIEM_SHUTDOWN_GRACE_S`` is over;
+then it stops accepting, runs the app's shutdown (audit flush, pool drain) and
+exits 0. A second signal, or the end of the grace period, kills the
 children still running (the executions' processes) so the exit is not held up.
 
 The socket is bound before anything is announced: a busy port is one line,
@@ -26,13 +27,14 @@ import resource
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
 from requiem import log
-from requiem.api.service import SHUTDOWN
+from requiem.api.service import SHUTDOWN, busy
 from requiem.errors import Unavailable
 
 logger = log.get("requiem.serve")
@@ -41,6 +43,7 @@ APP = "requiem.api.app:app_from_environment"
 PROCESS_NAME = b"requiem"
 PR_SET_NAME = 15
 RESERVED_FDS = 256
+IDLE_POLL_S = 0.05
 LISTEN_BACKLOG = 2048
 
 
@@ -113,6 +116,7 @@ class GracefulServer(uvicorn.Server):
         super().__init__(config)
         self.grace_s = grace_s
         self._deadline: threading.Timer | None = None
+        self._signalled = False
 
     def run(self, sockets: list[socket.socket] | None = None) -> None:
         name_process()
@@ -123,17 +127,28 @@ class GracefulServer(uvicorn.Server):
         super().run(sockets=sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.should_exit:
+        if self._signalled:
             logger.warning("second_signal_forcing_exit", signal=sig)
             self.force_exit = True
+            self.should_exit = True
             kill_children()
             return
+        self._signalled = True
         logger.info("draining", signal=sig, grace_s=self.grace_s)
         SHUTDOWN.set()
         self._deadline = threading.Timer(self.grace_s, self._grace_over)
         self._deadline.daemon = True
         self._deadline.start()
-        super().handle_exit(sig, frame)
+        threading.Thread(
+            target=self._exit_when_idle, name="requiem-drain", daemon=True
+        ).start()
+
+    def _exit_when_idle(self) -> None:
+        """Keep answering (503 ``shutting_down``) until in-flight work is done."""
+        deadline = time.monotonic() + self.grace_s
+        while busy() and time.monotonic() < deadline:
+            time.sleep(IDLE_POLL_S)
+        self.should_exit = True
 
     def _grace_over(self) -> None:
         logger.warning("grace_period_over", grace_s=self.grace_s)

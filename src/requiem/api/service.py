@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from decimal import Decimal
@@ -44,6 +45,12 @@ HEALTH_TTL_S = 1.0
 
 # Set by the server on SIGTERM: every Service of the process starts draining.
 SHUTDOWN = threading.Event()
+_LIVE: weakref.WeakSet[Service] = weakref.WeakSet()
+
+
+def busy() -> bool:
+    """Whether any service of this process is answering or running something."""
+    return any(service.busy for service in list(_LIVE))
 
 
 class ExecutionQueueFull(TooManyRequests):
@@ -158,6 +165,7 @@ class Service:
         self._health: dict[str, Any] | None = None
         self._health_at = float("-inf")
         self._health_lock = threading.Lock()
+        _LIVE.add(self)
 
     @property
     def draining(self) -> bool:
@@ -201,6 +209,13 @@ class Service:
         if self._side_db is not None:
             self._side_db.dispose()
         logger.info("service_stopped")
+
+    @property
+    def busy(self) -> bool:
+        """Requests being answered or executions running or waiting for a slot."""
+        return bool(
+            self.active_requests or self.limiter.running or self.limiter.waiting
+        )
 
     # -- requests in flight and the pool -------------------------------------------
 
