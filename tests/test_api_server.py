@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import typer
 
 from live_keys import make_key, make_key_with_id, set_budget, set_tenant_status
 from live_server import Server, cli, server_env, start
@@ -390,3 +391,32 @@ def test_serve_on_a_busy_port_says_address_in_use_and_exits_6(tmp_path):
         f"requiem: error[address_in_use]: 127.0.0.1:{port} is already in use; "
         "stop what holds it or choose --port"
     ]
+
+
+def test_status_in_maintenance_keeps_flags_requests_and_pool_and_exits_6(
+    server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    from requiem.cli import service_cmd
+
+    admin = make_key(server.env, tenant_name("ops"), "admin", operator=True)
+    monkeypatch.setenv("REQUIEM_URL", server.url)
+    monkeypatch.setenv("REQUIEM_API_KEY", admin)
+    with server.client(admin) as ops:
+        ops.post("/api/admin/flags/maintenance", json={"value": True})
+        try:
+            with pytest.raises(typer.Exit) as as_json:
+                service_cmd.status(as_json=True)
+            document = json.loads(capsys.readouterr().out)
+            with pytest.raises(typer.Exit) as as_text:
+                service_cmd.status(as_json=False)
+            text = capsys.readouterr().out
+        finally:
+            ops.post("/api/admin/flags/maintenance", json={"value": False})
+
+    assert as_json.value.exit_code == 6 and as_text.value.exit_code == 6
+    assert document["maintenance"] is True
+    assert document["server"]["flags"]["maintenance"] is True
+    assert document["server"]["active_requests"] >= 1
+    assert "checked_out" in document["server"]["pool"]
+    for row in ("maintenance", "flag maintenance", "active requests", "pool"):
+        assert row in text, text

@@ -32,7 +32,13 @@ from requiem.store.pool import current_request_id
 logger = log.get("requiem.api")
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-OPEN_DURING_MAINTENANCE = ("/api/health", "/api/metrics", "/api/admin/")
+# /api/v1/status stays open too: `requiem status` must show the load in maintenance.
+OPEN_DURING_MAINTENANCE = (
+    "/api/health",
+    "/api/metrics",
+    "/api/admin/",
+    "/api/v1/status",
+)
 DOCS_PATHS = ("/api/openapi.json", "/api/docs")
 MAINTENANCE_RETRY_AFTER_S = 30
 HEALTH_ROUTE = "/api/health"

@@ -102,6 +102,7 @@ def status(as_json: JsonFlag = False) -> None:
     }
     if health is not None:
         document["server"] = _optional(client, "/api/v1/status")
+    document["maintenance"] = _maintenance(document)
 
     if as_json:
         output.print_json(document)
@@ -111,8 +112,18 @@ def status(as_json: JsonFlag = False) -> None:
         raise errors.ServerUnreachable(
             f"no Requiem server reachable at {client.base_url} (set REQUIEM_URL)"
         )
-    if not health.get("ready"):
+    if not health.get("ready") or document["maintenance"]:
         raise typer.Exit(6)
+
+
+def _maintenance(document: dict[str, Any]) -> bool:
+    """Whether the maintenance flag is on, by the server's status or its health."""
+    server = document.get("server") or {}
+    if "flags" in server:
+        return bool(server["flags"].get("maintenance"))
+    checks = (document.get("health") or {}).get("checks") or {}
+    values = (checks.get("flags") or {}).get("values") or {}
+    return bool(values.get("maintenance"))
 
 
 def client_errors() -> tuple[type[Exception], ...]:
@@ -141,6 +152,8 @@ def _print_status(document: dict[str, Any]) -> None:
         "server": document["url"],
         "reachable": "yes" if document["reachable"] else "no",
     }
+    if document.get("maintenance"):
+        rows["maintenance"] = "ON: tenant routes answer 503 maintenance"
     if health:
         rows["status"] = health.get("status")
         rows["version"] = health.get("version")
