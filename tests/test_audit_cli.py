@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import text
 
+from requiem import log
 from requiem import settings as settings_module
 from requiem.cli.main import main
 from requiem.control import audit
@@ -51,8 +51,8 @@ def requiem(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
         with pytest.raises(SystemExit) as ended:
             main(list(args))
     finally:
-        # main() points logging at this test's captured stderr; undo that.
-        structlog.reset_defaults()
+        # main() may have raised the log level; put the library default back.
+        log.configure()
     captured = capsys.readouterr()
     return ended.value.code, captured.out, captured.err
 
@@ -70,6 +70,15 @@ def test_flush_pending_status_act_on_the_database_without_a_server(sessions, cap
     document = json.loads(status[1])
     assert (document["head_seq"], document["pending"]) == (6, 0)
     assert document["last_checkpoint"]["seq"] == 6
+
+
+def test_verifying_an_empty_log_says_which_database_it_read(home, capsys):
+    """An operator in the wrong directory must not mistake a new, empty log for ours."""
+    code, out, err = requiem(capsys, "audit", "verify")
+
+    assert code == 0
+    assert out.startswith("audit chain intact: 0 entries")
+    assert f"the audit log in sqlite:///{home / 'requiem.db'} holds no entries" in err
 
 
 def test_search_by_user_since_a_human_duration(sessions, capsys):

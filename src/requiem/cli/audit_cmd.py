@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from requiem import settings
@@ -28,7 +29,7 @@ from requiem.control.audit_keys import (
 )
 from requiem.errors import FileMissing, ServerUnreachable, UsageError
 from requiem.store.bootstrap import ensure_schema
-from requiem.store.db import make_engine, session_factory
+from requiem.store.db import make_engine, normalise_url, session_factory
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 
@@ -188,6 +189,13 @@ def verify(
         report = _verify_file(export_file, key, key_source)
     else:
         report = _verify_database(from_seq, against, key, key_source, workers)
+    if export_file is None and report.checked == 0:
+        where = make_url(normalise_url(settings.load().database_url))
+        output.note(
+            "requiem: note: the audit log in "
+            f"{where.render_as_string(hide_password=True)} holds no entries; "
+            "if that is not the service's database, set REQUIEM_HOME or DATABASE_URL"
+        )
     if as_json:
         output.print_json(report.to_dict())
         return
