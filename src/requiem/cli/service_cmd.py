@@ -22,6 +22,8 @@ from requiem.store.bootstrap import ensure_schema
 from requiem.store.db import make_engine, session_factory, transaction
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+# Never cut in a table: ids, key prefixes, tenants and timestamps get pasted.
+WHOLE_COLUMNS = ("id", "prefix", "tenant", "created_at", "updated_at", "updated_by")
 
 
 @contextmanager
@@ -205,6 +207,7 @@ def flags_get(
         None,
         ["flag", "value", "updated_at", "updated_by"],
         [[r["name"], r["value"], r["updated_at"], r["updated_by"]] for r in rows],
+        whole=WHOLE_COLUMNS,
     )
 
 
@@ -267,6 +270,7 @@ def tenant_list(as_json: JsonFlag = False) -> None:
             [r["id"], r["name"], r["status"], r["is_operator"], r["created_at"]]
             for r in rows
         ],
+        whole=WHOLE_COLUMNS,
     )
 
 
@@ -375,6 +379,7 @@ def key_list(
             ]
             for r in rows
         ],
+        whole=WHOLE_COLUMNS,
     )
 
 
