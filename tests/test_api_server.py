@@ -369,6 +369,7 @@ def test_pool_admin_routes_drain_refuse_and_reset(server: Server):
         refused = ops.get("/api/v1/executions")
         reset = ops.post("/api/admin/db/pool/reset")
         after = ops.get("/api/v1/executions")
+        resumed = ops.get("/api/admin/audit/status")
 
     assert status.status_code == 200 and status.json()["draining"] is False
     assert leaks.json()["threshold_s"] == 0
@@ -376,6 +377,8 @@ def test_pool_admin_routes_drain_refuse_and_reset(server: Server):
     assert_error(refused, 503, "pool_draining")
     assert reset.status_code == 200 and reset.json()["draining"] is False
     assert after.status_code == 200
+    # the drain paused the audit flusher; the reset started it again
+    assert resumed.json()["flusher"]["running"] is True, resumed.text
 
 
 def test_serve_on_a_busy_port_says_address_in_use_and_exits_6(tmp_path):
