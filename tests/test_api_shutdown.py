@@ -11,14 +11,16 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from live_keys import make_key
 from live_server import start
 from requiem import settings
 from requiem.api.app import create_app
 from requiem.store.db import make_engine, session_factory
+from requiem.store.errors import PoolDraining
 from requiem.store.models import AuditEntry, Execution
+from requiem.store.pool import current_request_id
 
 
 def wait_for(predicate, timeout: float = 60.0) -> None:
@@ -178,3 +180,34 @@ def test_runbook_shutdown_order_keeps_the_execution_in_flight(tmp_path: Path):
 
     executed = answers[0].json()
     assert_recorded_and_audited(server, executed)
+
+
+def test_drain_timing_out_still_lets_admitted_work_record_itself(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("REQUIEM_WORK_DIR", str(home / "work"))
+    app = create_app(settings.load())
+    with TestClient(app):
+        service = app.state.service
+        report = service.pool.drain(0.1, ["req_admitted"])
+
+        def checkout(request_id: str | None) -> None:
+            token = current_request_id.set(request_id)
+            try:
+                with service.db.connect() as connection:
+                    connection.execute(text("SELECT 1"))
+            finally:
+                current_request_id.reset(token)
+
+        checkout("req_admitted")
+        checkout(None)  # the group-commit writer records for admitted work
+        with pytest.raises(PoolDraining):
+            checkout("req_new")
+        service.request_started("req_admitted")
+        service.request_finished("req_admitted")
+        with pytest.raises(PoolDraining):
+            checkout(None)
+        service.reset_pool()
+
+    assert report["drained"] is False
+    assert report["in_flight"] == 1
