@@ -386,24 +386,14 @@ def pg_server(
             )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: on PostgreSQL a NUL byte in an execution id answers 500 "
-    "(psycopg DataError from ExecutionService._row's session.get)",
-)
-def test_nul_in_execution_id_is_404_on_postgresql(pg_server: Server) -> None:
+def test_nul_in_execution_id_is_400_on_postgresql(pg_server: Server) -> None:
+    """No id holds a NUL and PostgreSQL text cannot: refused before any query."""
     key = make_key(pg_server.env, tenant("nul"), "operator")
     with pg_server.client(key) as client:
         response = client.get("/api/v1/executions/ex_%00")
-    assert_error(response, 404, "execution_not_found")
+    assert_error(response, 400, "bad_request")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: on PostgreSQL a NUL byte in a list cursor or an audit search "
-    "filter answers 500 (psycopg DataError; executions.decode_cursor and "
-    "audit_query.search pass it to the database)",
-)
 @pytest.mark.parametrize(
     ("path", "params"),
     [

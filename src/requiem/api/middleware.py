@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from requiem import log
 from requiem.api import metrics
-from requiem.api.responses import BodyTooLarge, ShuttingDown, error_body
+from requiem.api.responses import BadRequest, BodyTooLarge, ShuttingDown, error_body
 from requiem.api.service import Service
 from requiem.control.flags import MaintenanceMode
 from requiem.errors import RequiemError
@@ -140,6 +140,11 @@ class ServiceMiddleware:
     ) -> RequiemError | None:
         """The refusal for this request before it reaches a route, if any."""
         path: str = scope["path"]
+        query: bytes = scope.get("query_string", b"")
+        if "\x00" in path or b"%00" in query:
+            # No id, digest or filter of ours holds a NUL, and PostgreSQL text
+            # cannot store one: refuse it here rather than let a query fail.
+            return BadRequest("a NUL character is not allowed in a path or query")
         length = headers.get(b"content-length")
         if length is not None:
             try:

@@ -462,6 +462,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         moment = datetime.fromisoformat(at)
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
         raise InvalidCursor("cursor is not one this server gave out") from exc
-    if not last_id:
+    if not last_id or "\x00" in last_id:
         raise InvalidCursor("cursor is not one this server gave out")
     return moment, last_id
