@@ -275,7 +275,7 @@ CURSOR_GARBAGE = base64.urlsafe_b64encode(b"not a time|ex_1").decode()
         ("GET", "/api/v1/cas/" + "\u0660" * 64, None, None, 400, "invalid_digest"),
         ("GET", "/api/v1/cas/%2e%2e%2fetc", None, None, 404, "not_found"),
         ("DELETE", "/api/v1/cas/" + "0" * 64, None, None, 405, "method_not_allowed"),
-        ("GET", "/api/v1/executions/ex_%00", None, None, 404, "execution_not_found"),
+        ("GET", "/api/v1/executions/ex_%00", None, None, 400, "bad_request"),
         (
             "GET",
             "/api/admin/audit/search",
