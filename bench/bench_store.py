@@ -38,7 +38,11 @@ def _ms(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
 
 
 def bench(label: str, url: str, repeat: int) -> None:
-    config = settings.load({"REQUIEM_HOME": tempfile.mkdtemp(prefix="bench-store-")})
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as home:
+        _bench(label, url, repeat, settings.load({"REQUIEM_HOME": home}))
+
+
+def _bench(label: str, url: str, repeat: int, config: settings.Settings) -> None:
     engine = db.make_engine(config, url)
 
     started = time.perf_counter()
