@@ -73,10 +73,10 @@ def test_bad_request_gets_its_code(raw: str, code: str, status: int):
 def test_a_host_path_below_tmp_may_be_exposed_read_only():
     """A checkout or virtualenv under /tmp is bound into the sandbox's private /tmp."""
     request = ExecutionRequest.parse(
-        '{"command": "true", "policy": {"ro_paths": ["/tmp/ci/main/.venv"]}}'
+        '{"command": "true", "policy": {"ro_paths": ["/tmp/checkout/.venv"]}}'
     )
 
-    assert request.policy.ro_paths == ["/tmp/ci/main/.venv"]
+    assert request.policy.ro_paths == ["/tmp/checkout/.venv"]
 
 
 def test_more_than_256_outputs_is_too_many_outputs():
