@@ -95,3 +95,15 @@ def test_is_digest_accepts_only_lowercase_hex(data):
     assert digest.is_digest(value)
     assert not digest.is_digest(value.upper())
     assert not digest.is_digest(value[:-1])
+
+
+@pytest.mark.parametrize(
+    "text", [r'{"\udfff": 1}', r'["x\ud800"]', r'["\ude02\ud83d"]']
+)
+def test_lone_surrogate_escapes_are_parse_errors(text):
+    with pytest.raises(JsonParseError, match="lone surrogate"):
+        digest.parse_json(text)
+
+
+def test_a_surrogate_pair_is_one_character():
+    assert digest.parse_json(r'["\ud83d\ude02"]') == ["\U0001f602"]

@@ -104,8 +104,29 @@ def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _refuse_lone_surrogates(value: Any) -> None:
+    """JsonParseError if any string holds half a surrogate pair (not valid Unicode)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                msg = "JSON string holds a lone surrogate escape (not valid Unicode)"
+                raise JsonParseError(msg) from exc
+
+
 def parse_json(text: str | bytes) -> Any:
-    """Parse JSON strictly: no duplicate keys, no NaN/Infinity, UTF-8 only."""
+    """Parse JSON strictly: no duplicate keys, no NaN/Infinity, valid Unicode only."""
     if isinstance(text, bytes | bytearray):
         try:
             text = bytes(text).decode("utf-8")
@@ -113,7 +134,7 @@ def parse_json(text: str | bytes) -> Any:
             msg = f"JSON is not valid UTF-8 at byte {exc.start}"
             raise JsonParseError(msg) from exc
     try:
-        return json.loads(
+        value = json.loads(
             text,
             object_pairs_hook=_pairs_without_duplicates,
             parse_constant=_refuse_constant,
@@ -127,3 +148,6 @@ def parse_json(text: str | bytes) -> Any:
     except ValueError as exc:  # e.g. an integer longer than int() accepts
         msg = f"invalid JSON: {str(exc).split(';')[0]}"
         raise JsonParseError(msg) from exc
+    if _SURROGATE_ESCAPE.search(text):  # only then can a string be broken
+        _refuse_lone_surrogates(value)
+    return value
