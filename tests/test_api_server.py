@@ -132,13 +132,16 @@ def test_viewer_cannot_execute_403_forbidden(server: Server):
     assert_error(response, 403, "forbidden")
 
 
-def test_suspended_tenant_cannot_execute_403_tenant_suspended(server: Server):
+def test_suspended_tenant_cannot_execute_or_upload_403_tenant_suspended(
+    server: Server,
+):
     name = tenant_name("susp")
     key = make_key(server.env, name, "operator")
     set_tenant_status(server.env, name, "suspended")
 
     with server.client(key) as client:
         assert_error(run(client, {"command": CAT}), 403, "tenant_suspended")
+        assert_error(client.put("/api/v1/cas", content=b"x"), 403, "tenant_suspended")
 
 
 def test_spent_budget_is_429_quota_exceeded(server: Server):

@@ -29,6 +29,7 @@ from requiem.cas.store import CasObjectMissing, InvalidDigest, ObjectMeta
 from requiem.control import audit
 from requiem.control.credentials import Principal
 from requiem.control.executions import own, owns
+from requiem.control.tenants import require_active
 
 router = APIRouter(prefix="/api/v1/cas", tags=["cas"])
 
@@ -59,7 +60,7 @@ def _visible(service: Service, principal: Principal, digest: str) -> ObjectMeta:
     status_code=201,
     response_model=Stored,
     summary="Store the raw request body; returns its BLAKE3 digest",
-    responses=errors(401, 403),
+    responses=errors(401, 403, 404),
     openapi_extra={"requestBody": {"required": True, "content": BINARY}},
 )
 async def put_object(request: Request, principal: Operator) -> Any:
@@ -68,6 +69,8 @@ async def put_object(request: Request, principal: Operator) -> Any:
     body = await request.body()
 
     def store() -> str:
+        with service.sessions() as session:
+            require_active(session, principal.tenant_id)
         digest = service.cas.put_bytes(body)
         service.cas.pin(digest, f"tenant:{principal.tenant_id}")
 

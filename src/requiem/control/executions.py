@@ -33,7 +33,7 @@ from requiem.cas.store import LocalCAS
 from requiem.control import audit
 from requiem.control.credentials import Principal
 from requiem.control.group_commit import GroupCommitter
-from requiem.control.tenants import TenantNotFound, TenantSuspended
+from requiem.control.tenants import require_active
 from requiem.engine import ExecutionRequest, ExecutionResult, ReplayReport
 from requiem.engine.errors import MissingInput, SandboxUnavailable
 from requiem.errors import Forbidden, InvalidInput, NotFound, TooManyRequests
@@ -42,7 +42,6 @@ from requiem.store.models import (
     CasOwnership,
     CostRecord,
     Execution,
-    Tenant,
     new_id,
     utcnow,
 )
@@ -164,12 +163,7 @@ class ExecutionService:
 
     def _check_tenant(self, session: Session, principal: Principal) -> None:
         """The tenant exists, is active and has budget left."""
-        tenant = session.get(Tenant, principal.tenant_id)
-        if tenant is None:
-            raise TenantNotFound("the API key's tenant no longer exists")
-        if tenant.status != "active":
-            msg = f"tenant {tenant.id} is suspended"
-            raise TenantSuspended(msg, reason=tenant.suspended_reason)
+        tenant = require_active(session, principal.tenant_id)
         self._check_budget(session, tenant.id)
 
     def _check_budget(self, session: Session, tenant_id: str) -> None:

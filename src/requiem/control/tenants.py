@@ -116,3 +116,14 @@ def as_dict(tenant: Tenant) -> dict[str, object]:
         "is_operator": tenant.is_operator,
         "created_at": tenant.created_at.isoformat() if tenant.created_at else None,
     }
+
+
+def require_active(session: Session, tenant_id: str) -> Tenant:
+    """The tenant, if it exists and is not suspended (what any write needs)."""
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise TenantNotFound("the API key's tenant no longer exists")
+    if tenant.status != "active":
+        msg = f"tenant {tenant.id} is suspended"
+        raise TenantSuspended(msg, reason=tenant.suspended_reason)
+    return tenant
