@@ -186,13 +186,8 @@ async def search(
     until: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=audit_query.MAX_LIMIT)] = 100,
 ) -> Any:
-    query = audit_query.SearchQuery(
-        user=user,
-        tenant=tenant,
-        action=action,
-        since=audit_query.parse_time(since) if since else None,
-        until=audit_query.parse_time(until) if until else None,
-        limit=limit,
+    query = audit_query.SearchQuery.from_text(
+        user=user, tenant=tenant, action=action, since=since, until=until, limit=limit
     )
     # Invariant 6: a tenant's admin sees only that tenant's entries.
     only_tenant = None if principal.is_operator else principal.tenant_id

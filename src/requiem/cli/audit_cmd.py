@@ -267,13 +267,8 @@ def search(
     as_json: JsonFlag = False,
 ) -> None:
     """Entries matching every filter given, newest first."""
-    query = audit_query.SearchQuery(
-        user=user,
-        tenant=tenant,
-        action=action,
-        since=audit_query.parse_time(since) if since else None,
-        until=audit_query.parse_time(until) if until else None,
-        limit=limit,
+    query = audit_query.SearchQuery.from_text(
+        user=user, tenant=tenant, action=action, since=since, until=until, limit=limit
     )
     entries = audit_query.search(_sessions(), query)
     if as_json:

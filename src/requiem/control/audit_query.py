@@ -132,6 +132,27 @@ class SearchQuery:
     until: datetime | None = None
     limit: int = 100
 
+    @classmethod
+    def from_text(
+        cls,
+        *,
+        user: str | None,
+        tenant: str | None,
+        action: str | None,
+        since: str | None,
+        until: str | None,
+        limit: int,
+    ) -> SearchQuery:
+        """The query as a person typed it: times like ``24h ago`` or ISO-8601."""
+        return cls(
+            user=user,
+            tenant=tenant,
+            action=action,
+            since=parse_time(since) if since else None,
+            until=parse_time(until) if until else None,
+            limit=limit,
+        )
+
 
 def search(
     factory: sessionmaker[Session],
